@@ -1,0 +1,1 @@
+"""Per-device kernels, one folder per algorithm, one file per backend (installed as shardattn.kernels)."""

@@ -1,0 +1,23 @@
+"""Lightning attention backends. Each module has the signature documented in reference.py.
+
+Backends are imported lazily by name, so that a backend whose dependencies are missing (jax_triton on a
+CPU-only install) costs nothing until it is asked for.
+"""
+
+import importlib
+
+BACKENDS = ("reference", "xla", "triton", "pallas")
+
+
+def get_backend(name: str):
+    """Returns the `lightning_attention` function of backend `name`.
+
+    Raises NotImplementedError when the backend cannot be imported on this installation.
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"implementation={name!r} is not one of {BACKENDS}")
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as err:
+        raise NotImplementedError(f"backend {name!r} is not available here: {err}") from err
+    return module.lightning_attention

@@ -1,0 +1,80 @@
+"""Lightning attention, token by token, in float32: the contract every backend is tested against.
+
+Per query head h, with decay lam_h = exp(-slopes[h]) and a float32 state S of shape [Dk, Dv]:
+
+    S_t = lam_h * S_{t-1} + k_t^T v_t        o_t = scale * q_t S_t        S_{-1} = initial_state (or 0)
+
+reverse=True runs the same recurrence from the last token to the first. With GQA the key/value head of
+query head h is h // (H // Hkv). With cu_seqlens (batch 1, packed sequences) the state restarts from
+that sequence's initial state at the first token of each sequence; empty sequences keep their initial
+state as final state.
+
+Every backend in this folder has this module's signature:
+
+    lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False)
+        q: [B, T, H, Dk]   k: [B, T, Hkv, Dk]   v: [B, T, Hkv, Dv]   slopes: [H] float32 (>= 0)
+        initial_state: [N, H, Dk, Dv] float32 or None (zeros); N = B, or len(cu_seqlens) - 1
+        cu_seqlens: [N + 1] int32 or None (then every batch row is one sequence); requires B == 1
+        returns (o [B, T, H, Dv] in q.dtype, final_state [N, H, Dk, Dv] float32),
+        differentiable in q, k, v, slopes and initial_state.
+Arguments arrive checked by the API layer (shardattn.lightning); backends do not re-validate them, but a
+backend that cannot serve a call raises NotImplementedError saying why.
+"""
+
+import jax
+import jax.numpy as jnp
+
+
+def _one_stream(q, k, v, decay, seq_ids, initial_state, *, scale):
+    """Runs the recurrence over one token stream.
+
+    q: [T, H, Dk]  k: [T, H, Dk]  v: [T, H, Dv] (kv already repeated to H heads), decay: [H],
+    seq_ids: [T] int32, non-decreasing in processing order, initial_state: [N, H, Dk, Dv].
+    """
+    is_start = jnp.concatenate([jnp.ones((1,), bool), seq_ids[1:] != seq_ids[:-1]])
+
+    def step(carry, token):
+        state, final = carry
+        q_t, k_t, v_t, seq, start = token
+        state = jnp.where(start, initial_state[seq], state)  # a new sequence starts from its own state
+        state = decay[:, None, None] * state + k_t[:, :, None] * v_t[:, None, :]
+        o_t = scale * jnp.einsum("hk,hkv->hv", q_t, state)
+        final = final.at[seq].set(state)  # the last write for each sequence is its final state
+        return (state, final), o_t
+
+    carry = (jnp.zeros_like(initial_state[0]), initial_state)
+    (_, final), o = jax.lax.scan(step, carry, (q, k, v, seq_ids, is_start))
+    return o, final
+
+
+def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False):
+    B, T, H, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    group = H // Hkv
+    out_dtype = q.dtype
+    q = q.astype(jnp.float32)
+    k = jnp.repeat(k.astype(jnp.float32), group, axis=2)
+    v = jnp.repeat(v.astype(jnp.float32), group, axis=2)
+    decay = jnp.exp(-slopes.astype(jnp.float32))
+    num_states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is None:
+        initial_state = jnp.zeros((num_states, H, Dk, Dv), jnp.float32)
+    initial_state = initial_state.astype(jnp.float32)
+
+    if reverse:
+        q, k, v = (jnp.flip(x, axis=1) for x in (q, k, v))
+    if cu_seqlens is None:
+        seq_ids = jnp.zeros((T,), jnp.int32)
+        run = jax.vmap(lambda q, k, v, s0: _one_stream(q, k, v, decay, seq_ids, s0[None], scale=scale))
+        o, final = run(q, k, v, initial_state)
+        final = final[:, 0]
+    else:
+        # Sequence of each token: the last n with cu_seqlens[n] <= t (skips empty sequences).
+        seq_ids = jnp.searchsorted(cu_seqlens, jnp.arange(T), side="right").astype(jnp.int32) - 1
+        if reverse:
+            seq_ids = jnp.flip(seq_ids)
+        o, final = _one_stream(q[0], k[0], v[0], decay, seq_ids, initial_state, scale=scale)
+        o = o[None]
+    if reverse:
+        o = jnp.flip(o, axis=1)
+    return o.astype(out_dtype), final

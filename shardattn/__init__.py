@@ -1,0 +1,6 @@
+"""shardattn: lightning attention for JAX, per device and on multi-device meshes."""
+
+from shardattn.decay import DECAY_PRESETS, decay_slopes
+from shardattn.lightning import lightning_attention
+
+__all__ = ["DECAY_PRESETS", "decay_slopes", "lightning_attention"]
