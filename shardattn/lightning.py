@@ -40,7 +40,7 @@ def resolve_implementations(implementation) -> tuple[str, ...]:
         raise ValueError(f"implementation={implementation!r} must be None, a name or a non-empty sequence")
     for name in names:
         if name not in BACKENDS:
-            raise ValueError(f"implementation {name!r} is not one of {BACKENDS}")
+            raise ValueError(f"implementation {name!r} is not one of {tuple(BACKENDS)}")
     return tuple(names)
 
 

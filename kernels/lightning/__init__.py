@@ -6,7 +6,8 @@ CPU-only install) costs nothing until it is asked for.
 
 import importlib
 
-BACKENDS = ("reference", "xla", "triton", "pallas")
+# backend name -> module in this folder
+BACKENDS = {"reference": "reference", "xla": "xla", "triton": "triton", "pallas": "pallas_tpu"}
 
 
 def get_backend(name: str):
@@ -15,9 +16,9 @@ def get_backend(name: str):
     Raises NotImplementedError when the backend cannot be imported on this installation.
     """
     if name not in BACKENDS:
-        raise ValueError(f"implementation={name!r} is not one of {BACKENDS}")
+        raise ValueError(f"implementation={name!r} is not one of {tuple(BACKENDS)}")
     try:
-        module = importlib.import_module(f"{__name__}.{name}")
+        module = importlib.import_module(f"{__name__}.{BACKENDS[name]}")
     except ModuleNotFoundError as err:
         raise NotImplementedError(f"backend {name!r} is not available here: {err}") from err
     return module.lightning_attention
