@@ -1,0 +1,164 @@
+"""Lightning attention in plain JAX, chunked: matrix work inside chunks, a scan over chunk states.
+
+Portable (any XLA backend) and differentiable by autodiff. Within a chunk of C tokens (DESIGN.md):
+
+    o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
+    S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j          (l = valid tokens of the chunk)
+
+Only the chain of chunk states is sequential. Memory for the backward pass: the chunk states
+(T/C * Dk * Dv per head, i.e. O(T * D) for C ~ D) and the C x C intra-chunk scores (O(T * C)); no
+per-token state is ever kept.
+
+Packed sequences (cu_seqlens) are re-laid so that every sequence starts at a chunk boundary: each chunk
+then carries a valid length, a "starts a sequence" flag and a sequence id, and the scan resets the state
+to that sequence's initial state at a start. The re-layout is one gather in and one gather out.
+"""
+
+import jax
+import jax.numpy as jnp
+
+CHUNK_SIZE = 64
+
+
+def _matmul_precision(dtype):
+    # float32 inputs get full float32 matmuls (GPUs would otherwise use TF32); narrower inputs do not
+    # need them, their tolerance is set by their own rounding.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+def _varlen_layout(cu_seqlens, T, num_chunks, reverse):
+    """Slot layout for packed sequences, each starting at a chunk boundary.
+
+    Returns (token_of_slot [S], slot_valid [S], slot_of_token [T], chunk_start [nC], chunk_seq [nC],
+    chunk_len [nC], last_chunk [N]) with S = num_chunks * C slots. With reverse=True the tokens of each
+    sequence are laid out last-to-first, so the forward recurrence over slots is the reverse recurrence.
+    """
+    C = CHUNK_SIZE
+    seq_len = cu_seqlens[1:] - cu_seqlens[:-1]  # [N]
+    seq_chunks = (seq_len + C - 1) // C
+    chunk_offset = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(seq_chunks)]).astype(jnp.int32)
+
+    chunk = jnp.arange(num_chunks, dtype=jnp.int32)
+    chunk_seq = jnp.clip(jnp.searchsorted(chunk_offset, chunk, side="right") - 1, 0, seq_len.shape[0] - 1)
+    chunk_seq = chunk_seq.astype(jnp.int32)
+    in_seq = chunk < chunk_offset[-1]  # chunks past the last sequence hold only padding
+    first_pos = (chunk - chunk_offset[chunk_seq]) * C  # position in its sequence of the chunk's slot 0
+    chunk_len = jnp.where(in_seq, jnp.clip(seq_len[chunk_seq] - first_pos, 0, C), 0)
+    chunk_start = in_seq & (first_pos == 0)
+
+    slot = jnp.arange(num_chunks * C, dtype=jnp.int32)
+    slot_chunk, slot_pos = slot // C, slot % C
+    pos_in_seq = first_pos[slot_chunk] + slot_pos
+    slot_valid = slot_pos < chunk_len[slot_chunk]
+    s = chunk_seq[slot_chunk]
+    token = jnp.where(reverse, cu_seqlens[s + 1] - 1 - pos_in_seq, cu_seqlens[s] + pos_in_seq)
+    token_of_slot = jnp.where(slot_valid, token, 0)
+
+    t = jnp.arange(T, dtype=jnp.int32)
+    t_seq = (jnp.searchsorted(cu_seqlens, t, side="right") - 1).astype(jnp.int32)
+    t_pos = jnp.where(reverse, cu_seqlens[t_seq + 1] - 1 - t, t - cu_seqlens[t_seq])
+    slot_of_token = chunk_offset[t_seq] * C + t_pos
+    last_chunk = chunk_offset[1:] - 1  # -1 for an empty first sequence; masked by seq_len > 0
+    return token_of_slot, slot_valid, slot_of_token, chunk_start, chunk_seq, chunk_len, last_chunk
+
+
+def _chunked(q, k, v, slopes, chunk_start, chunk_len, initial_for_chunk, *, scale, precision):
+    """Chunked lightning attention over pre-laid chunks.
+
+    q: [B, nC, C, K, G, Dk], k: [B, nC, C, K, Dk], v: [B, nC, C, K, Dv] (K kv heads, G query heads per kv
+    head), slopes: [K, G], chunk_start: [nC] bool, chunk_len: [nC] int, initial_for_chunk(c) -> [B, K, G,
+    Dk, Dv] state a chunk that starts a sequence starts from. Returns o [B, nC, C, K, G, Dv] float32 and
+    per chunk the incoming and outgoing states, each [nC, B, K, G, Dk, Dv].
+    """
+    C = q.shape[2]
+    pos = jnp.arange(C, dtype=jnp.float32)
+    neg_s = -slopes[..., None, None]  # [K, G, 1, 1]
+    # lam^(i-j) for j <= i. The exponent is masked before exp: exp(+s*(j-i)) would overflow, and inf*0
+    # is NaN in the value and the gradient.
+    diff = pos[:, None] - pos[None, :]
+    intra_decay = jnp.exp(jnp.where(diff >= 0, neg_s * diff, -jnp.inf))  # [K, G, C, C]
+    query_decay = jnp.exp(neg_s[..., 0] * (pos + 1.0))  # lam^(i+1): [K, G, C]
+    # lam^(l-1-j) for the l valid tokens of each chunk; padded tokens (zero k, v) get weight 0.
+    lengths = chunk_len.astype(jnp.float32)[:, None, None, None]  # [nC, 1, 1, 1]
+    key_exp = lengths - 1.0 - pos
+    key_decay = jnp.exp(jnp.where(key_exp >= 0, neg_s[None, ..., 0] * key_exp, -jnp.inf))  # [nC, K, G, C]
+    chunk_decay = jnp.exp(-slopes[None] * lengths[..., 0])  # lam^l: [nC, K, G]
+
+    ein = lambda spec, *xs: jnp.einsum(spec, *xs, precision=precision)
+    scores = ein("bnikgd,bnjkd->bnkgij", q, k) * intra_decay
+    o_intra = ein("bnkgij,bnjkv->bnikgv", scores, v)
+    local_state = ein("bnjkd,nkgj,bnjkv->nbkgdv", k, key_decay, v)  # sum_j lam^(l-1-j) k_j^T v_j
+
+    def step(state, chunk):
+        delta, decay, start, c = chunk
+        state_in = jnp.where(start, initial_for_chunk(c), state)
+        state_out = decay[None, :, :, None, None] * state_in + delta
+        return state_out, (state_in, state_out)
+
+    num_chunks = q.shape[1]
+    chunks = (local_state, chunk_decay, chunk_start, jnp.arange(num_chunks))
+    # zeros_like of a value derived from the inputs, so that the carry varies over the same mesh axes as
+    # the inputs when this runs inside shard_map (JAX_NOTES: jnp.zeros carries fail check_vma).
+    _, (state_in, state_out) = jax.lax.scan(step, jnp.zeros_like(local_state[0]), chunks)
+    o_inter = ein("bnikgd,nbkgdv->bnikgv", q * query_decay.transpose(2, 0, 1)[..., None], state_in)
+    return scale * (o_intra + o_inter), state_in, state_out
+
+
+def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False):
+    B, T, H, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[-1]
+    G = H // Hkv
+    C = CHUNK_SIZE
+    out_dtype = q.dtype
+    precision = _matmul_precision(q.dtype)
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    slopes = slopes.astype(jnp.float32).reshape(Hkv, G)
+    num_states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if initial_state is None:
+        # zeros_like keeps the varying mesh axes of q inside shard_map (see _chunked).
+        initial_state = jnp.zeros_like(q, shape=(num_states, H, Dk, Dv))
+    initial_state = initial_state.astype(jnp.float32).reshape(num_states, Hkv, G, Dk, Dv)
+
+    if cu_seqlens is None:
+        if reverse:
+            q, k, v = (jnp.flip(x, axis=1) for x in (q, k, v))
+        num_chunks = -(-T // C)
+        pad = [(0, 0), (0, num_chunks * C - T), (0, 0), (0, 0)]
+        q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+        chunk = jnp.arange(num_chunks)
+        chunk_start = chunk == 0
+        chunk_len = jnp.clip(T - chunk * C, 0, C)
+        o, _, state_out = _chunked(
+            q.reshape(B, num_chunks, C, Hkv, G, Dk),
+            k.reshape(B, num_chunks, C, Hkv, Dk),
+            v.reshape(B, num_chunks, C, Hkv, Dv),
+            slopes, chunk_start, chunk_len, lambda c: initial_state,
+            scale=scale, precision=precision,
+        )
+        o = o.reshape(B, num_chunks * C, H, Dv)[:, :T]
+        if reverse:
+            o = jnp.flip(o, axis=1)
+        final_state = state_out[-1]
+    else:
+        N = num_states
+        num_chunks = -(-T // C) + N  # each sequence wastes less than one chunk on padding
+        token_of_slot, slot_valid, slot_of_token, chunk_start, chunk_seq, chunk_len, last_chunk = (
+            _varlen_layout(cu_seqlens, T, num_chunks, reverse)
+        )
+
+        def lay(x):  # [1, T, h, d] -> [1, nC, C, h, d], padding slots zero
+            x = jnp.where(slot_valid[:, None, None], x[0, token_of_slot], 0.0)
+            return x.reshape(1, num_chunks, C, *x.shape[1:])
+
+        q_l, k_l, v_l = lay(q), lay(k), lay(v)
+        o, _, state_out = _chunked(
+            q_l.reshape(1, num_chunks, C, Hkv, G, Dk), k_l, v_l,
+            slopes, chunk_start, chunk_len, lambda c: initial_state[chunk_seq[c]][None],
+            scale=scale, precision=precision,
+        )
+        o = o.reshape(num_chunks * C, H, Dv)[slot_of_token][None]
+        seq_len = cu_seqlens[1:] - cu_seqlens[:-1]
+        ends = state_out[jnp.clip(last_chunk, 0, num_chunks - 1), 0]  # [N, K, G, Dk, Dv]
+        final_state = jnp.where((seq_len > 0)[:, None, None, None, None], ends, initial_state)
+
+    return o.astype(out_dtype), final_state.reshape(num_states, H, Dk, Dv)
