@@ -13,7 +13,8 @@ def use_fake_cpu_devices(n: int) -> None:
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n={n!r} must be a positive int")
     flag = f"--xla_force_host_platform_device_count={n}"
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    flags = [f for f in flags if "force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join([*flags, flag])
     jax = sys.modules.get("jax")
     if jax is not None:

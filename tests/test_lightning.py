@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
+from shardattn.kernels.lightning import reference
 
 import shardattn
-from shardattn.kernels.lightning import reference
 
 # Backends checked here on CPU. The Triton backend runs this file's cases in tests/test_triton_gpu.py
 # (GPU only) and the Pallas backend in tests/test_pallas.py (interpret mode).
@@ -222,7 +222,8 @@ def _bad_calls():
         ("varlen-batch", ValueError, "batch 1", (jnp.zeros((2, 8, 4, 16)), k.repeat(2, 0), v.repeat(2, 0)),
          dict(ok, cu_seqlens=jnp.array([0, 8]))),
         ("varlen-start", ValueError, "start at 0", (q, k, v), dict(ok, cu_seqlens=jnp.array([1, 8]))),
-        ("varlen-order", ValueError, "non-decreasing", (q, k, v), dict(ok, cu_seqlens=jnp.array([0, 6, 4, 8]))),
+        ("varlen-order", ValueError, "non-decreasing", (q, k, v),
+         dict(ok, cu_seqlens=jnp.array([0, 6, 4, 8]))),
         ("varlen-end", ValueError, "end at", (q, k, v), dict(ok, cu_seqlens=jnp.array([0, 7]))),
         ("varlen-state-count", ValueError, "number of sequences", (q, k, v),
          dict(ok, cu_seqlens=jnp.array([0, 3, 8]), initial_state=jnp.zeros((1, 4, 16, 16)))),
