@@ -1,0 +1,107 @@
+"""Flax NNX layer: MiniMax-01's lightning attention block around shardattn (needs the `flax` extra).
+
+    pip install "shardattn[flax]"
+    from shardattn.flax import LightningAttention
+
+Importing `shardattn` alone never imports flax; only this submodule does.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from shardattn.decay import decay_slopes
+from shardattn.lightning import lightning_attention
+
+
+class LightningAttention(nnx.Module):
+    """Lightning attention block as in MiniMax-01: x [B, T, d_model] -> [B, T, d_model].
+
+    q, k, v = silu(x W_q), silu(x W_k), silu(x W_v)      per head [B, T, H, head_dim]
+    o       = lightning_attention(q, k, v)                 decay preset of (layer_idx, num_layers)
+    out     = (RMSNorm(o) * sigmoid(x W_gate)) W_out
+
+    MiniMax-01 activates q/k/v with SiLU and uses scale 1.0 (so `scale` defaults to 1.0 for the
+    "minimax" decay and to head_dim ** -0.5 otherwise); with no softmax denominator, the output
+    RMSNorm is what keeps the activations at a stable size, and the gate lets a layer switch heads off.
+
+    With `mesh`, the attention runs as `shardattn.sharded.sharded_lightning` (batch over `batch_axis`,
+    tokens over `seq_axis`, heads over `head_axis`; None means the mesh's "data"/"seq"/"heads" axis if it
+    has one); without, as the single-device `lightning_attention`. `implementation` is passed through.
+
+    >>> attn = LightningAttention(512, 8, layer_idx=0, num_layers=24, rngs=nnx.Rngs(0))
+    >>> y = attn(x)  # x: [B, T, 512]
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        *,
+        layer_idx: int,
+        num_layers: int,
+        head_dim: int | None = None,
+        num_kv_heads: int | None = None,
+        decay: str = "minimax",
+        scale: float | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        batch_axis: str | None = None,
+        seq_axis: str | None = None,
+        head_axis: str | None = None,
+        implementation=None,
+        use_bias: bool = False,
+        dtype=None,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        head_dim = d_model // num_heads if head_dim is None else head_dim
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if head_dim < 1:
+            raise ValueError(f"{head_dim=} must be >= 1 (d_model={d_model} // num_heads={num_heads})")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"{num_heads=} must be divisible by {num_kv_heads=}")
+        # Fails now, naming the argument, rather than at the first call inside a jitted step.
+        decay_slopes(num_heads, layer_idx, num_layers, decay)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.layer_idx, self.num_layers, self.decay = layer_idx, num_layers, decay
+        self.scale = (1.0 if decay == "minimax" else None) if scale is None else scale
+        self.mesh, self.batch_axis, self.seq_axis, self.head_axis = mesh, batch_axis, seq_axis, head_axis
+        self.implementation = implementation
+        self.dtype = dtype
+
+        def linear(n_in, n_out):
+            return nnx.Linear(
+                n_in, n_out, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+            )
+
+        self.q_proj = linear(d_model, num_heads * head_dim)
+        self.k_proj = linear(d_model, num_kv_heads * head_dim)
+        self.v_proj = linear(d_model, num_kv_heads * head_dim)
+        self.gate_proj = linear(d_model, num_heads * head_dim)
+        self.out_proj = linear(num_heads * head_dim, d_model)
+        # One RMSNorm over all heads together, as MiniMax-01 does (a per-head norm would avoid the
+        # reduction across a head-sharded axis, but would be a different model).
+        self.norm = nnx.RMSNorm(num_heads * head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        """x: [B, T, d_model] -> [B, T, d_model]."""
+        B, T, _ = x.shape
+        q = jax.nn.silu(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
+        k = jax.nn.silu(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
+        v = jax.nn.silu(self.v_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
+        kwargs = dict(
+            layer_idx=self.layer_idx, num_layers=self.num_layers, decay=self.decay, scale=self.scale,
+            implementation=self.implementation,
+        )
+        if self.mesh is None:
+            o = lightning_attention(q, k, v, **kwargs)
+        else:
+            # Imported here so that the single-device layer works without the sharding module.
+            from shardattn.sharded import sharded_lightning
+
+            o = sharded_lightning(
+                q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, seq_axis=self.seq_axis,
+                head_axis=self.head_axis, **kwargs,
+            )
+        o = self.norm(o.reshape(B, T, self.num_heads * self.head_dim))
+        return self.out_proj(o * jax.nn.sigmoid(self.gate_proj(x)))
