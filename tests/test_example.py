@@ -122,3 +122,58 @@ def test_sharded_step_matches_one_device():
             assert "data" in x.sharding.spec, x.sharding
             shard = x.addressable_shards[0].data
             assert shard.size * 2 == x.size, (shard.shape, x.shape)
+
+
+@pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["MHA", "GQA4/2"])
+def test_flax_layer_is_the_minimax_lightning_block(num_kv_heads):
+    from flax import nnx
+
+    from shardattn import decay_slopes, lightning_attention
+    from shardattn.flax import LightningAttention
+
+    B, T, D, H, Dh = 2, 40, 32, 4, 8
+    layer = LightningAttention(D, H, num_kv_heads=num_kv_heads, layer_idx=1, num_layers=3, rngs=nnx.Rngs(0))
+    assert layer.scale == 1.0  # MiniMax-01 uses no 1/sqrt(d) with its decay
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, T, D))
+
+    # The block written out by hand, with the float32 token-by-token reference backend.
+    w = lambda proj: np.asarray(proj.kernel[...], np.float64)
+    xn = np.asarray(x, np.float64)
+    silu = lambda a: a / (1 + np.exp(-a))
+    q = silu(xn @ w(layer.q_proj)).reshape(B, T, H, Dh)
+    k = silu(xn @ w(layer.k_proj)).reshape(B, T, num_kv_heads, Dh)
+    v = silu(xn @ w(layer.v_proj)).reshape(B, T, num_kv_heads, Dh)
+    f32 = lambda a: jax.numpy.asarray(a, jax.numpy.float32)
+    o = lightning_attention(
+        f32(q), f32(k), f32(v), slopes=decay_slopes(H, 1, 3, "minimax"), scale=1.0, implementation="reference"
+    )
+    o = np.asarray(o, np.float64).reshape(B, T, H * Dh)
+    o = o / np.sqrt(np.mean(o**2, axis=-1, keepdims=True) + 1e-6) * np.asarray(layer.norm.scale[...])
+    gate = 1 / (1 + np.exp(-(xn @ w(layer.gate_proj))))
+    expected = (o * gate) @ w(layer.out_proj)
+
+    got = np.asarray(layer(x))
+    assert got.shape == (B, T, D)
+    assert _rel_rms(got, expected) < 1e-4
+
+
+def test_flax_layer_checks_arguments():
+    from flax import nnx
+
+    from shardattn.flax import LightningAttention
+
+    with pytest.raises(ValueError, match="layer_idx"):
+        LightningAttention(32, 4, layer_idx=3, num_layers=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        LightningAttention(32, 4, num_kv_heads=3, layer_idx=0, num_layers=3, rngs=nnx.Rngs(0))
+    layer = LightningAttention(32, 4, layer_idx=0, num_layers=3, decay="transnormer", rngs=nnx.Rngs(0))
+    assert layer.scale is None  # lightning_attention's default, head_dim ** -0.5
+
+
+def test_importing_shardattn_does_not_import_flax():
+    import subprocess
+    import sys
+
+    code = "import sys, shardattn; sys.exit('flax' in sys.modules)"
+    root = EXAMPLE.parent.parent
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, timeout=120).returncode == 0
