@@ -315,6 +315,19 @@ def make_steps(graphdef, optimizer, mesh, params, opt_state):
     return train_jit, eval_jit
 
 
+def check_divisible(args, mesh) -> None:
+    """Fails early, naming the flag, where a mesh axis does not divide what it shards."""
+    if args.d_model % args.heads:
+        raise ValueError(f"--d-model {args.d_model} must be divisible by --heads {args.heads}")
+    if mesh is None:
+        return
+    for flag, value, axis in (("--batch", args.batch, "data"), ("--seq-len", args.seq_len, "seq"),
+                              ("--heads", args.heads, "heads")):  # fmt: skip
+        if value % mesh.shape[axis]:
+            size = mesh.shape[axis]
+            raise ValueError(f"{flag} {value} must be divisible by the mesh's {axis} axis ({size})")
+
+
 def progress_bar(done: int, total: int, width: int = 24) -> str:
     filled = round(width * done / total)
     return "[" + "#" * filled + "." * (width - filled) + "]"
@@ -328,6 +341,7 @@ def train(args, log=print) -> list[dict]:
         dtype=args.dtype,
     )
     mesh = parse_mesh(args.mesh)
+    check_divisible(args, mesh)
     is_main = jax.process_index() == 0
     log = log if is_main else (lambda *a, **k: None)
     train_data, heldout_data = load_corpus(int(args.data_mb * (1 << 20)))
