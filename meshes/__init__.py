@@ -1,5 +1,25 @@
 """Mesh construction and partition specs (installed as shardattn.meshes). No kernels here."""
 
 from shardattn.meshes.devices import use_fake_cpu_devices
+from shardattn.meshes.specs import (
+    AXIS_NAMES,
+    Axes,
+    axis_size,
+    make_mesh,
+    qkv_spec,
+    resolve_axes,
+    shard_qkv,
+    state_spec,
+)
 
-__all__ = ["use_fake_cpu_devices"]
+__all__ = [
+    "AXIS_NAMES",
+    "Axes",
+    "axis_size",
+    "make_mesh",
+    "qkv_spec",
+    "resolve_axes",
+    "shard_qkv",
+    "state_spec",
+    "use_fake_cpu_devices",
+]

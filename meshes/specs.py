@@ -1,0 +1,134 @@
+"""Meshes with the axes ("data", "seq", "heads") and the PartitionSpecs of [B, T, H, D] arrays on them.
+
+Axis roles: the batch dimension shards over one or more mesh axes (`batch_axis`, a name or a tuple of
+names), the sequence over one (`seq_axis`), the heads over one (`head_axis`). An argument left at None
+takes the conventional name ("data", "seq", "heads") when the mesh has that axis and is unsharded
+otherwise; `()` asks for unsharded explicitly. A name the mesh lacks is an error, never ignored.
+"""
+
+import math
+from typing import NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+AXIS_NAMES = ("data", "seq", "heads")  # conventional names of the batch, sequence and head roles
+
+
+class Axes(NamedTuple):
+    """Resolved mesh axes of each role: a tuple of mesh axis names (empty = unsharded) for the batch,
+    and one name or None for the sequence and the heads."""
+
+    batch: tuple[str, ...]
+    seq: str | None
+    heads: str | None
+
+
+def make_mesh(*, data: int = 1, seq: int = -1, heads: int = 1, devices=None) -> Mesh:
+    """A Mesh with axes ("data", "seq", "heads") of the given sizes over `devices` (default: all).
+
+    One size may be -1: it takes the devices the others leave. The axes are Auto (classic jit
+    sharding propagation), like `jax.sharding.Mesh`; devices are laid out by `jax.make_mesh`, which
+    puts neighbouring ranks of the last axes on neighbouring devices where the platform knows a topology.
+
+    >>> mesh = make_mesh(data=2, seq=4)  # 8 devices: 2-way batch, 4-way sequence parallel
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "seq": seq, "heads": heads}
+    for name, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or (size < 1 and size != -1):
+            raise ValueError(f"{name}={size!r} must be a positive int or -1 (the remaining devices)")
+    free = [name for name, size in sizes.items() if size == -1]
+    if len(free) > 1:
+        raise ValueError(f"at most one axis size may be -1, got {sizes}")
+    known = math.prod(size for size in sizes.values() if size != -1)
+    if free:
+        if len(devices) % known:
+            raise ValueError(
+                f"{len(devices)} devices cannot be split into {sizes} ({len(devices)} is not divisible by "
+                f"the product of the fixed sizes, {known})"
+            )
+        sizes[free[0]] = len(devices) // known
+    shape = tuple(int(sizes[name]) for name in AXIS_NAMES)
+    if math.prod(shape) != len(devices):
+        raise ValueError(
+            f"mesh shape data={shape[0]} x seq={shape[1]} x heads={shape[2]} = {math.prod(shape)} devices "
+            f"does not match the {len(devices)} devices given"
+        )
+    auto = (jax.sharding.AxisType.Auto,) * len(AXIS_NAMES)
+    return jax.make_mesh(shape, AXIS_NAMES, axis_types=auto, devices=devices)
+
+
+def _check_name(mesh, role, name):
+    if not isinstance(name, str):
+        raise TypeError(f"{role}={name!r} must be a mesh axis name (str)")
+    if name not in mesh.axis_names:
+        raise ValueError(f"{role}={name!r} is not an axis of the mesh; its axes are {mesh.axis_names}")
+    return name
+
+
+def resolve_axes(mesh, batch_axis=None, seq_axis=None, head_axis=None) -> Axes:
+    """Mesh axis names per role (see the module docstring); raises ValueError for names not in `mesh`."""
+
+    def one(role, name, default):
+        if name is None:
+            return default if default in mesh.axis_names else None
+        if name == ():
+            return None
+        return _check_name(mesh, role, name)
+
+    if batch_axis is None:
+        batch = ("data",) if "data" in mesh.axis_names else ()
+    elif isinstance(batch_axis, str):
+        batch = (_check_name(mesh, "batch_axis", batch_axis),)
+    else:
+        batch = tuple(_check_name(mesh, "batch_axis", n) for n in batch_axis)
+    axes = Axes(batch, one("seq_axis", seq_axis, "seq"), one("head_axis", head_axis, "heads"))
+    used = [*axes.batch, axes.seq, axes.heads]
+    used = [n for n in used if n is not None]
+    if len(set(used)) != len(used):
+        raise ValueError(f"a mesh axis may serve only one role, got {axes}")
+    return axes
+
+
+def axis_size(mesh, names) -> int:
+    """Number of shards along a role: the product of the sizes of its mesh axes (1 when unsharded)."""
+    if names is None:
+        return 1
+    if isinstance(names, str):
+        names = (names,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def _batch_entry(batch):
+    # A PartitionSpec entry: None, one name, or a tuple of names sharding one dimension.
+    return None if not batch else batch[0] if len(batch) == 1 else tuple(batch)
+
+
+def qkv_spec(mesh, batch_axis=None, seq_axis=None, head_axis=None) -> PartitionSpec:
+    """PartitionSpec of a [B, T, H, D] array: batch, sequence and heads over their mesh axes.
+
+    >>> qkv_spec(make_mesh(data=2, seq=4))
+    PartitionSpec('data', 'seq', None, None)
+    """
+    axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
+    return PartitionSpec(_batch_entry(axes.batch), axes.seq, axes.heads, None)
+
+
+def state_spec(mesh, batch_axis=None, head_axis=None, *, packed=False) -> PartitionSpec:
+    """PartitionSpec of a state [B or N, H, Dk, Dv]: batch and heads sharded, replicated over the
+    sequence axis. With packed sequences (cu_seqlens) the first dimension counts sequences, not batch
+    rows, and is not sharded."""
+    axes = resolve_axes(mesh, batch_axis, (), head_axis)
+    return PartitionSpec(None if packed else _batch_entry(axes.batch), axes.heads, None, None)
+
+
+def shard_qkv(x, mesh, batch_axis=None, seq_axis=None, head_axis=None):
+    """Places a [B, T, H, D] array on `mesh` with `qkv_spec` (a no-op when already placed so).
+
+    Works on numpy arrays, on jax.Arrays of any placement, and inside jax.jit (as a sharding
+    constraint), for meshes with Auto or Explicit axes.
+    """
+    spec = qkv_spec(mesh, batch_axis, seq_axis, head_axis)
+    return jax.device_put(x, NamedSharding(mesh, spec))

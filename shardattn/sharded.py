@@ -1,0 +1,401 @@
+"""Lightning attention on a device mesh: batch-, head- and sequence-parallel, one global-view function.
+
+Batch and head shards need no communication. Sequence shards (DESIGN.md, "Sequence parallelism: the
+state scan") run the per-device backend with a zero incoming state, giving o_loc and the local final state
+S_loc(r); an exclusive scan across the sequence axis of the pairs (a_r, S_loc(r)), a_r = lam^n, under
+
+    (a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2)
+
+gives each shard its incoming state S_in(r), and the output gets the correction
+
+    o_i += scale * lam^(i+1) q_i S_in(r)        (i: position in the shard, in processing order).
+
+Only the [b, h, Dk, Dv] states (and [h] decays) move between devices; q, k, v and o never do. The
+backward pass is JAX's transpose of the same collectives (ppermute -> the reversed ppermute,
+all_gather -> reduce-scatter), i.e. the mirrored scan of dS in the other direction, so every gradient
+(q, k, v, initial_state, slopes) is exact.
+
+Three scans, all exact:
+- "ring": P-1 rounds of ppermute of the state to the next shard (LASP).
+- "tree": ceil(log2 P) rounds of ppermute of (a, S) pairs, Hillis-Steele, carrying an exclusive and an
+  inclusive prefix so that no extra shift round is needed.
+- "allgather": one all_gather of (a, S) and a decay-weighted prefix sum on every shard (LASP-2 with decay).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from shardattn.lightning import check_and_derive, run_backends
+from shardattn.meshes.specs import axis_size, resolve_axes
+
+SCANS = ("auto", "ring", "tree", "allgather")
+
+# scan="auto" picks "allgather" up to this many sequence shards, "tree" above. Why: allgather is one
+# collective (one latency, bandwidth-optimal on NVLink/ICI) and its local prefix sum over P states is
+# negligible next to the attention itself, but it holds and receives P states per device; tree needs
+# ceil(log2 P) dependent rounds yet moves only log2(P) states per device. Up to one NVLink node (8
+# GPUs) or a small ICI ring, one collective wins; beyond that the P-fold memory/volume starts to
+# matter and latency grows only logarithmically with tree. Ring (P-1 dependent rounds) is never
+# chosen automatically: it is the LASP baseline, kept for comparison. GPU/TPU measurements will move
+# this threshold (and may make it depend on the state size).
+AUTO_ALLGATHER_MAX_SHARDS = 8
+# ... and allgather only while the gathered states stay small per device (bytes).
+AUTO_ALLGATHER_MAX_BYTES = 256 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """Static options of the per-device function (hashable, so jit/shard_map can close over it)."""
+
+    batch_axes: tuple[str, ...]
+    seq_axis: str | None
+    head_axis: str | None
+    num_seq: int  # P: shards along the sequence
+    scan: str
+    scale: float
+    reverse: bool
+    implementations: tuple[str, ...]
+    packed: bool  # cu_seqlens given
+    has_initial_state: bool
+    return_state: bool
+
+
+def _choose_scan(scan, num_seq, state_bytes):
+    if scan != "auto":
+        return scan
+    if num_seq <= AUTO_ALLGATHER_MAX_SHARDS and num_seq * state_bytes <= AUTO_ALLGATHER_MAX_BYTES:
+        return "allgather"
+    return "tree"
+
+
+def _precision(dtype):
+    # Same rule as the XLA backend: float32 inputs get float32 matmuls (no TF32 on GPUs).
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scans across the sequence axis. Each takes this shard's transition a: [1, h] (broadcast over batch) and
+# local state s: [b, h, Dk, Dv], `step` = this shard's position in processing order (traced), and returns
+# S_in, the state entering this shard. `phys(i)` maps processing position i to the index along the mesh
+# axis (reversed for reverse=True), so the scans only ever shift "forward".
+
+
+def _combine(first, second):
+    """(a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2): run shard 1 then shard 2."""
+    (a1, s1), (a2, s2) = first, second
+    return a1 * a2, a2[..., None, None] * s1 + s2
+
+
+def _scan_ring(a, s, *, axis, num, step, phys):
+    # After round t, shards 0..t hold their exact S_in (shard 0 receives nothing, i.e. zeros = S_in(0):
+    # the initial state entered through shard 0's backend call instead). P-1 dependent rounds; a Python
+    # loop so that XLA sees every round (P is small).
+    perm = [(phys(i), phys(i + 1)) for i in range(num - 1)]
+    s_in = jnp.zeros_like(s)  # zeros_like keeps s's varying axes (check_vma)
+    for _ in range(num - 1):
+        s_in = jax.lax.ppermute(a[..., None, None] * s_in + s, axis, perm)
+    return s_in
+
+
+def _scan_tree(a, s, *, axis, num, step, phys):
+    # Hillis-Steele over shards. After the round with shift d, `inc` covers shards (step-2d, step] and
+    # `exc` covers (step-2d, step): each round ships only `inc` (from step-d), and both absorb it. After
+    # ceil(log2 P) rounds exc covers [0, step), the exclusive prefix, with no final shift round.
+    inc = (a, s)
+    exc = (jnp.ones_like(a), jnp.zeros_like(s))  # the identity of the combine
+    d = 1
+    while d < num:
+        perm = [(phys(i), phys(i + d)) for i in range(num - d)]
+        received = jax.lax.ppermute(inc, axis, perm)
+        # Shards with step < d receive zeros, which are not the identity (1, 0): mask them out.
+        has = step >= d
+        exc = jax.tree.map(lambda new, old: jnp.where(has, new, old), _combine(received, exc), exc)
+        inc = jax.tree.map(lambda new, old: jnp.where(has, new, old), _combine(received, inc), inc)
+        d *= 2
+    return exc[1]
+
+
+def _scan_allgather(a, s, *, axis, num, step, phys):
+    # One all_gather of every shard's (a, S), then S_in(step) = sum_{j<step} (prod_{j<m<step} a_m) S_j.
+    # The product runs over a [P, P] mask (no division by a, which is 0 at sequence starts).
+    all_a = jax.lax.all_gather(a, axis)  # [P, 1, h], mesh order
+    all_s = jax.lax.all_gather(s, axis)  # [P, b, h, Dk, Dv]
+    if phys(0) != 0:  # reverse: put the gathered states in processing order (a local flip of P states)
+        all_a, all_s = jnp.flip(all_a, 0), jnp.flip(all_s, 0)
+    j = jnp.arange(num)[:, None]
+    m = jnp.arange(num)[None, :]
+    between = (m > j) & (m < step)  # [P (source j), P (factor m)]
+    weight = jnp.prod(jnp.where(between[:, :, None, None], all_a[None], 1.0), axis=1)  # [P, 1, h]
+    weight = jnp.where(jnp.arange(num)[:, None, None] < step, weight, 0.0)
+    return jnp.sum(weight[..., None, None] * all_s, axis=0)
+
+
+_SCAN_FNS = {"ring": _scan_ring, "tree": _scan_tree, "allgather": _scan_allgather}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-device function (inside shard_map). Local shapes: q [b, n, h, Dk], k [b, n, hkv, Dk],
+# v [b, n, hkv, Dv], slopes [h], initial_state [b or N, h, Dk, Dv] or None, cu_seqlens [N + 1] or None.
+
+
+def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
+    b, n, h, Dk = q.shape
+    Dv = v.shape[-1]
+    num_states = b if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    # The initial state does not vary over the sequence axis (nor over batch axes when packed), but the
+    # backends' state carries vary like q: give it q's varying axes (check_vma; a type cast, no data moves).
+    missing = ((plan.seq_axis,) if plan.seq_axis else ()) + (plan.batch_axes if plan.packed else ())
+    if initial_state is not None:
+        initial_state = jax.lax.pcast(initial_state.astype(jnp.float32), missing, to="varying")
+    else:
+        # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (JAX_NOTES), and the reference
+        # backend's scan carry would then fail check_vma.
+        initial_state = jnp.zeros_like(q, shape=(num_states, h, Dk, Dv), dtype=jnp.float32)
+
+    def backend(init, cu):
+        return run_backends(
+            plan.implementations, q, k, v, slopes, init, cu, scale=plan.scale, reverse=plan.reverse
+        )
+
+    if plan.num_seq == 1:  # batch/head sharding only: exactly the single-device call, per shard
+        o, final = backend(initial_state, cu_seqlens)
+        return (o, final) if plan.return_state else o
+
+    num = plan.num_seq
+    axis = plan.seq_axis
+    rank = jax.lax.axis_index(axis)
+    # Processing order: with reverse=True the recurrence runs from the last shard to the first, so shard
+    # r is position P-1-r of the scan; all local work stays in place (the backend runs reverse itself).
+    step = num - 1 - rank if plan.reverse else rank
+    phys = (lambda i: num - 1 - i) if plan.reverse else (lambda i: i)
+    pos = jnp.arange(n)
+    proc_pos = n - 1 - pos if plan.reverse else pos  # processing position of each local token
+    slopes = slopes.astype(jnp.float32)
+    lam_n = jnp.exp(-slopes * n)[None]  # [1, h]: decay across a whole shard
+
+    if cu_seqlens is None:
+        # The initial state enters at the first shard (in processing order) through its backend call;
+        # the other shards start from zero and get S_in by the scan.
+        init = jnp.where(step == 0, initial_state, 0.0)
+        o_loc, s_loc = backend(init, None)
+        a = lam_n
+        first_start = n  # no sequence starts inside a shard: S_in reaches every token
+    else:
+        o_loc, fin_loc, a, s_loc, first_start, finish = _packed_local(
+            plan, backend, q, slopes, initial_state, cu_seqlens, step, rank, lam_n
+        )
+
+    # Work order: the local state above, then the scan, then the correction; the scan depends only on
+    # the backend's final state (k and v), so an XLA backend can overlap it with its intra-chunk work.
+    s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys)
+
+    # o_i += scale * lam^(i+1) q_i S_in, only for tokens before the shard's first sequence start.
+    reach = jnp.where(
+        proc_pos[:, None] < first_start, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), 0.0
+    )  # [n, h]
+    q_decayed = q.astype(jnp.float32) * reach[None, :, :, None]
+    correction = jnp.einsum("bnhk,bhkv->bnhv", q_decayed, s_in, precision=_precision(q.dtype))
+    o = (o_loc.astype(jnp.float32) + plan.scale * correction).astype(o_loc.dtype)
+    if not plan.return_state:
+        return o
+
+    if cu_seqlens is None:
+        # Final state: the last shard's outgoing state a S_in + S_loc, shared with every sequence shard
+        # (the output is replicated over the sequence axis) by a psum of the masked value.
+        last = a[..., None, None] * s_in + s_loc
+        final = jax.lax.psum(jnp.where(step == num - 1, last, 0.0), axis)
+    else:
+        final = finish(s_in)
+    return o, final
+
+
+def _packed_local(plan, backend, q, slopes, initial_state, cu_seqlens, step, rank, lam_n):
+    """Local work of one sequence shard with packed sequences (cu_seqlens, global offsets, batch 1).
+
+    Everything is worked out in processing order ("p" frame: for reverse=True the global sequence and
+    cu_seqlens are mirrored, cu_p = T - flip(cu), and sequence s is s_p = N-1-s), while the backend runs
+    on the data in place with local offsets and reverse=plan.reverse.
+    Returns o_loc, the backend's final states, a [1, h], s_loc [1, h, Dk, Dv], the processing position
+    of the first sequence start in this shard (n if none) and finish(s_in) -> per-sequence final states.
+    """
+    n = q.shape[1]
+    num = plan.num_seq
+    T = num * n
+    cu = cu_seqlens.astype(jnp.int32)
+    to_p = (lambda x: jnp.flip(x, 0)) if plan.reverse else (lambda x: x)  # sequence order, both ways
+    cu_p = T - jnp.flip(cu) if plan.reverse else cu
+    lo, hi = step * n, (step + 1) * n  # this shard's tokens, processing order
+    start, end = cu_p[:-1], cu_p[1:]  # [N]
+    nonempty = end > start
+    starts_here = nonempty & (start >= lo) & (start < hi)
+    ends_here = nonempty & (end - 1 >= lo) & (end - 1 < hi)
+    continued = start < lo  # the sequence began in an earlier shard
+    first_start = jnp.min(jnp.where(starts_here, start - lo, n))
+
+    # Backend: local offsets (a piece of every sequence, most of them empty, which the contract allows);
+    # sequences that start here start from their own initial state, pieces that continue one from an
+    # earlier shard start from zero (their S_in is added by the correction).
+    cu_loc = jnp.clip(cu - rank * n, 0, n)
+    init_loc = jnp.where(to_p(starts_here)[:, None, None, None], initial_state, 0.0)
+    o_loc, fin_loc = backend(init_loc, cu_loc)
+    fin_p = to_p(fin_loc)
+
+    # A shard containing a start passes on no older state: what leaves it is the state of the piece
+    # ongoing at its end, which began here from its own initial state.
+    a = jnp.where(first_start < n, 0.0, lam_n)
+    s_end = jnp.clip(jnp.searchsorted(cu_p, hi - 1, side="right") - 1, 0, start.shape[0] - 1)
+    s_loc = fin_p[s_end][None]
+
+    def finish(s_in):
+        # Each sequence's final state comes from the shard holding its last token: the backend's local
+        # final plus lam^len S_in when its piece there continued from an earlier shard. The length is
+        # clipped before exp: masked-out entries would overflow, and inf * 0 is NaN in the gradient.
+        length = jnp.where(continued & ends_here, end - lo, 0).astype(jnp.float32)
+        carry = jnp.where((continued & ends_here)[:, None], jnp.exp(-slopes[None, :] * length[:, None]), 0.0)
+        mine = jnp.where(ends_here[:, None, None, None], fin_p + carry[..., None, None] * s_in, 0.0)
+        final_p = jax.lax.psum(mine, plan.seq_axis)
+        # Empty sequences have no last token: their final state is their initial state.
+        final_p = jnp.where(nonempty[:, None, None, None], final_p, to_p(initial_state))
+        return to_p(final_p)
+
+    return o_loc, fin_loc, a, s_loc, first_start, finish
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def sharded_lightning(
+    q,
+    k,
+    v,
+    *,
+    mesh: Mesh,
+    batch_axis=None,
+    seq_axis=None,
+    head_axis=None,
+    scan: str = "auto",
+    slopes=None,
+    layer_idx=None,
+    num_layers=None,
+    decay="transnormer",
+    scale=None,
+    initial_state=None,
+    reverse=False,
+    cu_seqlens=None,
+    return_state=False,
+    implementation=None,
+):
+    """Lightning attention on `mesh`, batch-, head- and sequence-parallel, on global arrays.
+
+    q: [B, T, H, Dk], k: [B, T, Hkv, Dk], v: [B, T, Hkv, Dv]; every other keyword as in
+    `shardattn.lightning_attention` (same meaning, same result up to float rounding). Inputs may have any
+    placement; they are placed with `shardattn.meshes.qkv_spec` (a no-op when they already are) and the
+    output o [B, T, H, Dv] comes back sharded the same way; the final state [B or N, H, Dk, Dv] is
+    sharded over batch and heads. Works eagerly, under jax.jit and jax.grad, with Auto or Explicit meshes.
+
+    Axes: `batch_axis` (a name or a tuple of names), `seq_axis`, `head_axis`; None takes "data", "seq",
+    "heads" when the mesh has that axis (the batch stays unsharded with cu_seqlens, which needs batch 1),
+    `()` leaves the role unsharded. T, B, H and Hkv must be divisible by their axis sizes.
+    `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
+
+    >>> mesh = shardattn.meshes.make_mesh(data=2, seq=4)
+    >>> o = sharded_lightning(q, k, v, mesh=mesh, layer_idx=0, num_layers=24)
+    """
+    slopes, scale, implementations = check_and_derive(
+        q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
+        initial_state=initial_state, cu_seqlens=cu_seqlens, implementation=implementation,
+    )  # fmt: skip
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if scan not in SCANS:
+        raise ValueError(f"scan={scan!r} must be one of {SCANS}")
+    packed = cu_seqlens is not None
+    if packed and batch_axis is None:
+        batch_axis = ()  # batch 1: nothing to shard, and the default "data" axis would not divide it
+    axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
+    # Axes of size 1 shard nothing; dropping them keeps the specs (and the varying axes that check_vma
+    # tracks) to the axes that really split data, e.g. no psum over a size-1 "seq" for the final state.
+    axes = axes._replace(
+        batch=tuple(n for n in axes.batch if mesh.shape[n] > 1),
+        seq=axes.seq if axes.seq and mesh.shape[axes.seq] > 1 else None,
+        heads=axes.heads if axes.heads and mesh.shape[axes.heads] > 1 else None,
+    )
+    B, T, H, Dk = q.shape
+    Hkv, Dv = k.shape[2], v.shape[3]
+    num_batch, num_seq, num_heads = (axis_size(mesh, x) for x in axes)
+    for what, size, shards, axis in (
+        ("batch", B, num_batch, axes.batch),
+        ("seq", T, num_seq, (axes.seq,)),
+        ("num_heads (q)", H, num_heads, (axes.heads,)),
+        ("num_kv_heads (k, v)", Hkv, num_heads, (axes.heads,)),
+    ):
+        if size % shards:
+            raise ValueError(
+                f"{what}={size} must be divisible by the size of mesh axis {_entry(axis)!r}, {shards} "
+                "(pass that role's axis argument as () to leave it unsharded)"
+            )
+
+    spec_qkv = P(_entry(axes.batch), axes.seq, axes.heads, None)
+    spec_state = P(None if packed else _entry(axes.batch), axes.heads, None, None)
+    state_bytes = (B // num_batch) * (H // num_heads) * Dk * Dv * 4
+    plan = _Plan(
+        batch_axes=axes.batch,
+        seq_axis=axes.seq,
+        head_axis=axes.heads,
+        num_seq=num_seq,
+        scan=_choose_scan(scan, num_seq, state_bytes),
+        scale=scale,
+        reverse=bool(reverse),
+        implementations=implementations,
+        packed=packed,
+        has_initial_state=initial_state is not None,
+        return_state=bool(return_state),
+    )
+
+    # Inputs of any placement (numpy, one device, other shardings) go to the specs shard_map expects.
+    # device_put is a no-op when they already match, a sharding constraint under jit, and also what a
+    # mesh with Explicit axes needs (jax.make_mesh's default: shard_map refuses mismatched inputs).
+    def place(x, spec):
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    args = [place(q, spec_qkv), place(k, spec_qkv), place(v, spec_qkv), place(slopes, P(axes.heads))]
+    in_specs = [spec_qkv, spec_qkv, spec_qkv, P(axes.heads)]
+    # Optional arguments are bound as None (no shard_map input) so that the per-device code sees None.
+    optional = []
+    for x, spec in ((initial_state, spec_state), (cu_seqlens, P())):
+        if x is None:
+            optional.append(None)
+        else:
+            if spec == P():
+                x = jnp.asarray(x, jnp.int32)
+            args.append(place(x, spec))
+            in_specs.append(spec)
+            optional.append(len(args) - 1)
+
+    out_specs = (spec_qkv, spec_state) if plan.return_state else spec_qkv
+    return _build(mesh, plan, tuple(in_specs), out_specs, tuple(optional))(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _build(mesh, plan, in_specs, out_specs, optional):
+    """The jitted shard_map for one configuration, cached: eager calls would otherwise trace and compile
+    a fresh closure every time (under an outer jit the inner jit is simply inlined)."""
+
+    def per_device(*local):
+        init = None if optional[0] is None else local[optional[0]]
+        cu = None if optional[1] is None else local[optional[1]]
+        return _per_device(plan, *local[:4], init, cu)
+
+    return jax.jit(
+        jax.shard_map(per_device, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=True)
+    )
+
+
+def _entry(batch_axes):
+    # PartitionSpec entry for the batch dimension: None, one axis name, or a tuple of names.
+    return None if not batch_axes else batch_axes[0] if len(batch_axes) == 1 else tuple(batch_axes)
