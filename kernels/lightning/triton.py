@@ -1,0 +1,422 @@
+"""Lightning attention in Triton, called from JAX through jax-triton (NVIDIA GPUs).
+
+Chunked form (DESIGN.md), chunk of C tokens, position i inside the chunk, lam = exp(-s_h):
+
+    o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
+    S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j                    (l = valid tokens)
+
+One program owns one (sequence, query head, block of Dv columns) and walks its chunks in order with
+the float32 state block S [Dk, BV] in registers, so the state never goes to memory; the intra-chunk
+work is three tl.dot's per chunk. Positions are "processing positions": token bos + p forward,
+bos + L - 1 - p with reverse=True, so reverse costs nothing but the index map. GQA reads the kv head
+h // (H // Hkv) in-kernel; k and v are never repeated. cu_seqlens gives each program its own
+sequence bounds, so packed sequences need no re-layout.
+
+Backward (same kernel family, no per-token state kept; residuals are q, k, v):
+  * dq: the forward kernel on (q, k, v) := (dO, v, k) with initial state S0^T:
+        dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T).
+    It also stores S_in of every chunk (float32), which the slope gradient needs.
+  * dk, dv, dS0, dslopes: one kernel walking the chunks backwards with G = dL/dS_out of the chunk:
+        dk_j = scale sum_{i>=j} lam^(i-j) (dO_i . v_j) q_i + lam^(l-1-j) G v_j
+        dv_j = scale sum_{i>=j} lam^(i-j) (q_i . k_j) dO_i + lam^(l-1-j) k_j G
+        dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i                  (dS0 at the first chunk)
+  * dslopes, exactly: every term of the loss is lam^e times something, e = the distance it decayed
+    over, so dL/ds = -sum e * term. Split by where the decay is applied, each part is a product the
+    dkdv kernel has at hand, with no cancellation between large sums:
+        intra pairs:          -scale sum_{i>=j} (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j)
+        keys into S_out:      -sum_j (l-1-j) k_j . [lam^(l-1-j) G v_j]
+        queries from S_in:    -scale <S_in, sum_i (i+1) lam^(i+1) q_i^T dO_i>
+        S_in carried to S_out: -l lam^l <G, S_in>
+    (A closed form over global positions, sum_i i dO_i.o_i - sum_j j dk_j.k_j, cancels catastrophically
+    in bf16: two O(T) sums whose difference is O(1/slope).)
+"""
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CHUNK = 64
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Static options of one call: the custom_vjp's nondiff argument (hashable, no arrays)."""
+
+    scale: float
+    reverse: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Dv block per program (forward and dq pass / dkdv pass) and warps; chosen by head dim."""
+
+    fwd_bv: int
+    fwd_warps: int
+    bwd_bv: int
+    bwd_warps: int
+    num_stages: int = 2
+
+    @staticmethod
+    def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
+        bk, bv = _pow2(dk), _pow2(dv)
+        if jnp.dtype(dtype) == jnp.float32:
+            # ieee float32 dots run on FMA units; smaller tiles keep registers in check.
+            return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1)
+        fwd_bv = min(bv, 64 if bk <= 128 else 32)
+        bwd_bv = min(bv, 64 if bk <= 64 else 32)
+        return BlockSizes(fwd_bv, 4 if bk <= 64 else 8, bwd_bv, 4 if bk <= 64 else 8)
+
+
+def _pow2(d: int) -> int:
+    return max(16, 1 << (d - 1).bit_length())
+
+
+# --------------------------------------------------------------------------------------------- kernels
+# Triton is imported lazily (jax-triton refuses to import without a GPU jax); the kernels are built on
+# first use and cached.
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    # Triton resolves the helpers a kernel calls in the module's globals, not in this closure.
+    global _dot, _seq_bounds
+
+    @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        # float32 inputs need true float32 products (the reference tolerance is 2e-5; TF32 gives ~3e-4).
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
+    def _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C: tl.constexpr, VARLEN: tl.constexpr):
+        # (first token, length, first chunk slot in the chunk-state buffer) of sequence n.
+        if VARLEN:
+            bos = tl.load(cu_ptr + n)
+            L = tl.load(cu_ptr + n + 1) - bos
+            coff = tl.load(coff_ptr + n)
+        else:
+            bos = n * T
+            L = T
+            coff = n * NC_PER_SEQ
+        return bos, L, coff
+
+    @triton.jit
+    def fwd_kernel(
+        q_ptr, k_ptr, v_ptr, slope_ptr, s0_ptr, cu_ptr, coff_ptr,  # inputs
+        o_ptr, sf_ptr, st_ptr,  # outputs: o, final state, per-chunk incoming states
+        T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+        NC_TOTAL: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, HAS_S0: tl.constexpr,
+        STORE_STATES: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # q: [B*T, H, DK]  k: [B*T, HKV, DK]  v: [B*T, HKV, DV]  s0, sf: [N, H, DK, DV] float32
+        # st: [H, NC_TOTAL, DK, DV] float32 (S_in of every chunk, only with STORE_STATES)
+        pid_v = tl.program_id(0)
+        pid_nh = tl.program_id(1)
+        n = pid_nh // H
+        h = pid_nh % H
+        hk = h // (H // HKV)
+        NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
+        bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+
+        neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634  # log2(lam)
+        ii = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        rv = pid_v * BV + tl.arange(0, BV)
+        mk = rk < DK
+        mv = rv < DV
+        # lam^(i-j) for j <= i; the exponent is masked before exp2, so nothing overflows (no inf * 0).
+        diff = (ii[:, None] - ii[None, :]).to(tl.float32)
+        intra = tl.exp2(tl.where(diff >= 0, diff * neg, float("-inf")))
+        q_decay = tl.exp2((ii + 1).to(tl.float32) * neg)  # lam^(i+1)
+
+        state_off = (n * H + h).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+        if HAS_S0:
+            S = tl.load(s0_ptr + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
+        else:
+            S = tl.zeros([BK, BV], dtype=tl.float32)
+
+        num_chunks = tl.cdiv(L, C)
+        for c in range(0, num_chunks):
+            p = c * C + ii
+            valid = p < L
+            if REVERSE:
+                t = bos + L - 1 - p
+            else:
+                t = bos + p
+            t = t.to(tl.int64)
+            q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
+                        mask=valid[:, None] & mk[None, :], other=0.0)
+            k = tl.load(k_ptr + t[:, None] * (HKV * DK) + hk * DK + rk[None, :],
+                        mask=valid[:, None] & mk[None, :], other=0.0)
+            v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :],
+                        mask=valid[:, None] & mv[None, :], other=0.0)
+            if STORE_STATES:
+                st_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+                tl.store(st_ptr + st_off, S, mask=mk[:, None] & mv[None, :])
+            scores = _dot(q, tl.trans(k), IEEE) * intra
+            o = _dot(scores.to(v.dtype), v, IEEE)
+            o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
+            tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], (SCALE * o).to(o_ptr.dtype.element_ty),
+                     mask=valid[:, None] & mv[None, :])
+            # valid tokens in this chunk: only the last chunk may be short
+            length = tl.minimum(L - c * C, C)
+            key_exp = (length - 1 - ii).to(tl.float32)
+            key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))  # lam^(l-1-j)
+            kd = (k * key_decay[:, None]).to(k.dtype)
+            S = tl.exp2(length.to(tl.float32) * neg) * S + _dot(tl.trans(kd), v, IEEE)
+
+        tl.store(sf_ptr + state_off, S, mask=mk[:, None] & mv[None, :])
+
+    @triton.jit
+    def dkdv_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, dsf_ptr, st_ptr, cu_ptr, coff_ptr,  # inputs
+        dk_ptr, dv_ptr, ds0_ptr, dslope_ptr,  # outputs
+        T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+        NC_TOTAL: tl.constexpr, NV: tl.constexpr, NTOK: tl.constexpr, REVERSE: tl.constexpr,
+        VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # q, do per query head; k, v per kv head. dsf: [N, H, DK, DV] cotangent of the final state.
+        # st: [H, NC_TOTAL, DV, DK] S_in^T of every chunk (written by the dq pass).
+        # dk: [NV, B*T, H, DK] partial sums over Dv blocks (float32); dv: [B*T, H, DV] float32 per query
+        # head (summed over the GQA group outside); ds0: [N, H, DK, DV]; dslope: [N*H*NV] partial sums.
+        pid_v = tl.program_id(0)
+        pid_nh = tl.program_id(1)
+        n = pid_nh // H
+        h = pid_nh % H
+        hk = h // (H // HKV)
+        NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
+        bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+
+        neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634
+        ii = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        rv = pid_v * BV + tl.arange(0, BV)
+        mk = rk < DK
+        mv = rv < DV
+        mkv = mk[:, None] & mv[None, :]
+        # Rows j (keys), columns i (queries): lam^(i-j) for i >= j, and the lag i - j itself.
+        lag = (ii[None, :] - ii[:, None]).to(tl.float32)
+        intra_t = tl.exp2(tl.where(lag >= 0, lag * neg, float("-inf")))
+        pos1 = (ii + 1).to(tl.float32)
+        q_decay = tl.exp2(pos1 * neg)  # lam^(i+1)
+
+        state_off = (n * H + h).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+        G = tl.load(dsf_ptr + state_off, mask=mkv, other=0.0)  # dL/dS_out of the current chunk
+        # Slope gradient: an elementwise accumulator for the <S_in, .> terms and a scalar for the rest.
+        ds_state = tl.zeros([BK, BV], dtype=tl.float32)
+        ds_rest = 0.0
+
+        num_chunks = tl.cdiv(L, C)
+        for cc in range(0, num_chunks):
+            c = num_chunks - 1 - cc
+            p = c * C + ii
+            valid = p < L
+            if REVERSE:
+                t = bos + L - 1 - p
+            else:
+                t = bos + p
+            t = t.to(tl.int64)
+            mq = valid[:, None] & mk[None, :]
+            mo = valid[:, None] & mv[None, :]
+            q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :], mask=mq, other=0.0)
+            k = tl.load(k_ptr + t[:, None] * (HKV * DK) + hk * DK + rk[None, :], mask=mq, other=0.0)
+            v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :], mask=mo, other=0.0)
+            do = tl.load(do_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], mask=mo, other=0.0)
+            st_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rv[None, :] * DK + rk[:, None]
+            S_in = tl.load(st_ptr + st_off, mask=mkv, other=0.0)  # [BK, BV]
+
+            length = tl.minimum(L - c * C, C)
+            key_exp = (length - 1 - ii).to(tl.float32)
+            key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))  # lam^(l-1-j)
+            chunk_decay = tl.exp2(length.to(tl.float32) * neg)
+
+            kq = _dot(k, tl.trans(q), IEEE)  # [j, i] = k_j . q_i
+            vdo = _dot(v, tl.trans(do), IEEE)  # [j, i] = v_j . dO_i
+            a = kq * intra_t
+            b = vdo * intra_t
+            dv = SCALE * _dot(a.to(do.dtype), do, IEEE)
+            dk = SCALE * _dot(b.to(q.dtype), q, IEEE)
+            # G holds dL/dS_out of this chunk: the keys' share
+            dk_inter = key_decay[:, None] * _dot(v, tl.trans(G.to(v.dtype)), IEEE)
+            dv += key_decay[:, None] * _dot(k, G.to(k.dtype), IEEE)
+            dk += dk_inter
+            ds_key = tl.sum(key_exp * tl.sum(k.to(tl.float32) * dk_inter, axis=1), axis=0)
+            ds_intra = SCALE * tl.sum(tl.sum(lag * a * vdo, axis=1), axis=0)  # lam^(i-j) once: a has it
+
+            qd = (q * q_decay[:, None]).to(q.dtype)
+            qd_pos = (q * (q_decay * pos1)[:, None]).to(q.dtype)
+            x = _dot(tl.trans(qd), do, IEEE)  # sum_i lam^(i+1) q_i^T dO_i
+            x_pos = _dot(tl.trans(qd_pos), do, IEEE)  # sum_i (i+1) lam^(i+1) q_i^T dO_i
+            ds_state += S_in * (SCALE * x_pos + (length.to(tl.float32) * chunk_decay) * G)
+            ds_rest += ds_key + ds_intra
+            G = chunk_decay * G + SCALE * x
+
+            dk_base = dk_ptr + pid_v.to(tl.int64) * (NTOK * H * DK)
+            tl.store(dk_base + t[:, None] * (H * DK) + h * DK + rk[None, :], dk, mask=mq)
+            tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv, mask=mo)
+
+        tl.store(ds0_ptr + state_off, G, mask=mkv)
+        tl.store(dslope_ptr + pid_nh * NV + pid_v, -(tl.sum(tl.sum(ds_state, axis=1), axis=0) + ds_rest))
+
+    return fwd_kernel, dkdv_kernel
+
+
+# --------------------------------------------------------------------------------------------- wrappers
+
+
+def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
+    """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature."""
+    import jax_triton as jt
+
+    return jt.triton_call(
+        *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
+        num_warps=num_warps, num_stages=num_stages, **constexprs,
+    )
+
+
+def _layout(cu_seqlens, B, T):
+    """(number of sequences, chunk slots in the per-chunk state buffer, cu, chunk offset per sequence)."""
+    C = CHUNK
+    if cu_seqlens is None:
+        dummy = jnp.zeros((1,), jnp.int32)
+        return B, B * (-(-T // C)), dummy, dummy
+    N = cu_seqlens.shape[0] - 1
+    cu = cu_seqlens.astype(jnp.int32)
+    chunks = (cu[1:] - cu[:-1] + C - 1) // C
+    coff = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(chunks).astype(jnp.int32)])
+    # sum_n ceil(L_n / C) <= ceil(T / C) + N - 1
+    return N, -(-T // C) + N, cu, coff
+
+
+def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_states, out_dtype, blocks,
+                  bv=None):
+    """The forward kernel: o [B, T, H, DV], final state [N, H, DK, DV], optional per-chunk S_in.
+
+    Also serves the dq pass (q, k, v) := (dO, v, k), which is why the roles are generic here.
+    """
+    B, T, H, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
+    BK = _pow2(DK)
+    BV = min(bv or blocks.fwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    has_s0 = s0 is not None
+    s0_arg = s0 if has_s0 else jnp.zeros((1,), jnp.float32)
+    st_shape = (H, nc_total, DK, DV) if store_states else (1,)
+    o, sf, st = _launch(
+        _kernels()[0], (NV, N * H),
+        (q, k, v, slopes, s0_arg, cu, coff),
+        (jax.ShapeDtypeStruct(q.shape[:3] + (DV,), out_dtype),
+         jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32),
+         jax.ShapeDtypeStruct(st_shape, jnp.float32)),
+        name="lightning_fwd", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
+        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(scale), NC_TOTAL=nc_total,
+        REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, HAS_S0=has_s0,
+        STORE_STATES=bool(store_states), IEEE=q.dtype == jnp.float32,
+    )
+    return o, sf, (st if store_states else None)
+
+
+def _check_supported(q, k, v):
+    if jax.default_backend() != "gpu":
+        raise NotImplementedError(f"the triton backend needs a GPU; jax.default_backend() is "
+                                  f"{jax.default_backend()!r}")
+    try:
+        import jax_triton  # noqa: F401
+        import triton  # noqa: F401
+    except Exception as err:  # jax-triton raises ImportError/RuntimeError without a CUDA jax
+        raise NotImplementedError(f"the triton backend needs jax-triton and triton: {err}") from err
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+            raise NotImplementedError(f"the triton backend takes float32/bfloat16/float16, got {name}.dtype="
+                                      f"{x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise NotImplementedError(f"the triton backend needs one dtype for q, k, v, got {q.dtype}, {k.dtype}, "
+                                  f"{v.dtype}")
+    Dk, Dv = q.shape[3], v.shape[3]
+    if max(Dk, Dv) > MAX_HEAD_DIM:
+        raise NotImplementedError(f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got {Dk=}, {Dv=}")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts):
+    return _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)[0]
+
+
+def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
+    blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
+    o, final, _ = _forward_pass(q, k, v, slopes, initial_state, cu_seqlens, scale=opts.scale,
+                                reverse=opts.reverse, store_states=False, out_dtype=q.dtype, blocks=blocks)
+    return (o, final), (q, k, v, slopes, initial_state, cu_seqlens)
+
+
+def _lightning_bwd(opts, residuals, cotangents):
+    q, k, v, slopes, s0, cu_seqlens = residuals
+    do, dfinal = cotangents
+    B, T, H, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    G = H // HKV
+    blocks = BlockSizes.get_default(DK, DV, q.dtype)
+    do = do.astype(q.dtype)
+    dfinal = dfinal.astype(jnp.float32)
+
+    # dq pass: the forward kernel with (q, k, v) := (dO, v, k) and state S^T; it also leaves S_in^T of
+    # every chunk behind for the slope gradient.
+    s0_t = None if s0 is None else jnp.swapaxes(s0.astype(jnp.float32), 2, 3)
+    dq, _, states_t = _forward_pass(do, v, k, slopes, s0_t, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
+                                    store_states=True, out_dtype=q.dtype, blocks=blocks, bv=blocks.bwd_bv)
+
+    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
+    BK = _pow2(DK)
+    BV = min(blocks.bwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    dk_part, dv_h, ds0, dslope_part = _launch(
+        _kernels()[1], (NV, N * H),
+        (q, k, v, do, slopes, dfinal, states_t, cu, coff),
+        (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32),
+         jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32),
+         jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32),
+         jax.ShapeDtypeStruct((N * H * NV,), jnp.float32)),
+        name="lightning_dkdv", num_warps=blocks.bwd_warps, num_stages=blocks.num_stages,
+        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale),
+        NC_TOTAL=nc_total, NV=NV, NTOK=B * T, REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None,
+        IEEE=q.dtype == jnp.float32,
+    )
+    # dk, dv of query head h belong to kv head h // G: sum each group (the state is per query head).
+    dk = dk_part.sum(0).reshape(B, T, HKV, G, DK).sum(3).astype(k.dtype)
+    dv = dv_h.reshape(B, T, HKV, G, DV).sum(3).astype(v.dtype)
+    dslopes = dslope_part.reshape(N, H, NV).sum((0, 2)).astype(slopes.dtype)
+    ds0 = None if s0 is None else ds0.astype(s0.dtype)
+    return dq, dk, dv, dslopes, ds0, None
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
+
+
+def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False):
+    """Triton lightning attention; signature and meaning as in reference.py.
+
+    q: [B, T, H, Dk]  k: [B, T, Hkv, Dk]  v: [B, T, Hkv, Dv]  slopes: [H] float32
+    initial_state: [N, H, Dk, Dv] or None; cu_seqlens: [N + 1] int32 or None (B == 1).
+    Returns (o [B, T, H, Dv] in q.dtype, final_state [N, H, Dk, Dv] float32).
+    Raises NotImplementedError off-GPU, without jax-triton, for other dtypes or head dims > 256.
+    """
+    _check_supported(q, k, v)
+    opts = Options(scale=float(scale), reverse=bool(reverse))
+    slopes = slopes.astype(jnp.float32)
+    if initial_state is not None:
+        initial_state = initial_state.astype(jnp.float32)
+    return _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts)
