@@ -438,9 +438,12 @@ def main(argv=None) -> None:
     if jax.process_index() == 0 and history:
         final = history[-1]
         first_loss = history[0]["losses"][0]
+        # The median over logged intervals keeps one slow interval (a host hiccup) out of the figure.
+        rates = [h["tokens_per_s"] for h in history if math.isfinite(h["tokens_per_s"])]
+        rate = f"{np.median(rates):,.0f} tok/s (median of {len(rates)} intervals)" if rates else "no timing"
         print(
             f"done: loss {first_loss:.3f} -> {final['loss']:.3f}, held-out {final['heldout']:.3f} "
-            f"({final['heldout'] / math.log(2):.3f} bits/byte)"
+            f"({final['heldout'] / math.log(2):.3f} bits/byte); {rate}"
         )
 
 
