@@ -1,0 +1,238 @@
+"""Times shardattn.lightning_attention per backend (forward, forward+backward) against the HBM floor.
+
+    python benchmarks/lightning.py --impl triton,xla --workloads b4-t8k-h16-d128 --fla \
+        --out benchmarks/results/h100.json
+    python benchmarks/lightning.py --impl reference --workloads tiny        # CPU smoke run
+
+Every figure comes with the device and the device-to-device copy bandwidth measured in the same run
+(x + 1 over 1 GiB float32: bytes read + written / time). The floor of the forward pass is the bytes
+of q, k, v read once and o written once over that bandwidth. `--fla` also times flash-linear-
+attention's chunk_lightning_attn (PyTorch, same shapes and slopes) in a child process, with CUDA
+events; XLA_PYTHON_CLIENT_PREALLOCATE=false lets JAX and PyTorch share the GPU.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from workloads import GPU_WORKLOADS, WORKLOADS  # noqa: E402
+
+LAYER_IDX, NUM_LAYERS = 0, 24  # transnormer slopes (8 / H) * h, as fla's chunk_lightning_attn builds them
+
+
+def _median_ms(fn, args, warmup, rounds, inner):
+    """Median over `rounds` of the mean time of `inner` back-to-back calls (host clock, synchronized)."""
+    import jax
+
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth_gbs(nbytes=1 << 30):
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x + 1.0)
+    ms = _median_ms(f, (x,), warmup=3, rounds=10, inner=5)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def _inputs(w, seed=0):
+    import jax
+    import jax.numpy as jnp
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
+    dt = jnp.dtype(w.dtype)
+    q = jax.random.normal(keys[0], (w.B, w.T, w.H, w.D), jnp.float32).astype(dt)
+    k = (jax.random.normal(keys[1], (w.B, w.T, w.Hkv, w.D), jnp.float32) / w.D**0.5).astype(dt)
+    v = jax.random.normal(keys[2], (w.B, w.T, w.Hkv, w.D), jnp.float32).astype(dt)
+    do = jax.random.normal(keys[3], (w.B, w.T, w.H, w.D), jnp.float32).astype(dt)
+    return q, k, v, do
+
+
+def time_jax(impl, w, warmup, rounds, inner):
+    import jax
+
+    import shardattn
+
+    q, k, v, do = _inputs(w)
+    slopes = shardattn.decay_slopes(w.H, LAYER_IDX, NUM_LAYERS)
+
+    def attn(q, k, v):
+        return shardattn.lightning_attention(q, k, v, slopes=slopes, implementation=impl)
+
+    fwd = jax.jit(attn)
+
+    @jax.jit
+    def fwd_bwd(q, k, v, do):
+        o, vjp = jax.vjp(attn, q, k, v)
+        return o, vjp(do)
+
+    return {
+        "fwd_ms": _median_ms(fwd, (q, k, v), warmup, rounds, inner),
+        "fwd_bwd_ms": _median_ms(fwd_bwd, (q, k, v, do), warmup, rounds, inner),
+    }
+
+
+def fla_worker(names, warmup, reps):
+    """Child process: times fla's chunk_lightning_attn with CUDA events; prints one JSON line."""
+    import torch
+    from fla.ops.lightning_attn import chunk_lightning_attn
+
+    def bench(fn):
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        times.sort()
+        return times[len(times) // 2]
+
+    out = {}
+    for name in names:
+        w = WORKLOADS[name]
+        dt = getattr(torch, w.dtype)
+        g = torch.Generator(device="cuda").manual_seed(0)
+        shape = (w.B, w.T, w.H, w.D)  # fla has no GQA: these workloads have Hkv == H
+        q = torch.randn(shape, device="cuda", dtype=dt, generator=g).requires_grad_()
+        k = (torch.randn(shape, device="cuda", dtype=dt, generator=g) / w.D**0.5).requires_grad_()
+        v = torch.randn(shape, device="cuda", dtype=dt, generator=g).requires_grad_()
+        do = torch.randn(shape, device="cuda", dtype=dt, generator=g)
+
+        def fwd():
+            with torch.no_grad():
+                return chunk_lightning_attn(q, k, v, LAYER_IDX, NUM_LAYERS)
+
+        def fwd_bwd():
+            o, _ = chunk_lightning_attn(q, k, v, LAYER_IDX, NUM_LAYERS)
+            torch.autograd.grad(o, (q, k, v), do)
+
+        out[name] = {"fwd_ms": bench(fwd), "fwd_bwd_ms": bench(fwd_bwd)}
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    out["_versions"] = {"torch": torch.__version__, "fla": _version("fla-core")}
+    print("FLA_JSON " + json.dumps(out), flush=True)
+
+
+def _version(dist):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def run_fla(names, warmup, reps):
+    cmd = [sys.executable, os.path.abspath(__file__), "--fla-worker", "--workloads", ",".join(names),
+           "--warmup", str(warmup), "--reps", str(reps)]
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in proc.stdout.splitlines():
+        if line.startswith("FLA_JSON "):
+            return json.loads(line[len("FLA_JSON "):])
+    print(f"fla run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}", file=sys.stderr)
+    return None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--impl", default="triton,xla", help="comma-separated backends (triton, xla, reference)")
+    p.add_argument("--workloads", default=",".join(GPU_WORKLOADS), help=f"names from {list(WORKLOADS)}")
+    p.add_argument("--out", default=None, help="JSON file to write (benchmarks/results/...)")
+    p.add_argument("--fla", action="store_true", help="also time fla's chunk_lightning_attn (PyTorch)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7, help="timed rounds (median taken)")
+    p.add_argument("--inner", type=int, default=5, help="back-to-back calls per round")
+    p.add_argument("--reps", type=int, default=25, help="fla: timed calls (median taken)")
+    p.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    names = [n for n in args.workloads.split(",") if n]
+    for n in names:
+        if n not in WORKLOADS:
+            p.error(f"unknown workload {n!r}; known: {list(WORKLOADS)}")
+    if args.fla_worker:
+        return fla_worker(names, args.warmup, args.reps)
+
+    import jax
+
+    device = jax.devices()[0]
+    bw = copy_bandwidth_gbs()
+    print(f"device: {device.device_kind} ({jax.default_backend()}); copy bandwidth {bw:.0f} GB/s "
+          f"(read + write)", flush=True)
+    rows = []
+    for name in names:
+        w = WORKLOADS[name]
+        floor_ms = w.bytes_qkvo() / (bw * 1e9) * 1e3
+        for impl in args.impl.split(","):
+            try:
+                r = time_jax(impl, w, args.warmup, args.rounds, args.inner)
+            except Exception as err:  # one failing backend must not lose the others' figures
+                print(f"{name} {impl}: failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
+                r = {"fwd_ms": None, "fwd_bwd_ms": None, "error": f"{type(err).__name__}: {str(err)[:500]}"}
+            rows.append(dict(workload=name, impl=impl, floor_fwd_ms=floor_ms, **r))
+            print(f"  {name:18s} {impl:9s} fwd {r['fwd_ms'] or float('nan'):8.3f} ms  "
+                  f"fwd+bwd {r['fwd_bwd_ms'] or float('nan'):8.3f} ms", flush=True)
+    fla = None
+    if args.fla:
+        fla = run_fla(names, args.warmup, args.reps)
+        if fla:
+            for name in names:
+                if name in fla:
+                    rows.append(dict(workload=name, impl="fla", floor_fwd_ms=WORKLOADS[name].bytes_qkvo()
+                                     / (bw * 1e9) * 1e3, **fla[name]))
+
+    print(f"\n{device.device_kind}, copy bandwidth {bw:.0f} GB/s")
+    header = f"{'workload':18s} {'impl':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'floor ms':>8s} {'fwd/floor':>9s}"
+    print(header)
+    for r in rows:
+        f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
+        ratio = f / r["floor_fwd_ms"] if f else float("nan")
+        print(f"{r['workload']:18s} {r['impl']:9s} {f or float('nan'):8.3f} {fb or float('nan'):10.3f} "
+              f"{r['floor_fwd_ms']:8.3f} {ratio:9.2f}")
+
+    if args.out:
+        result = {
+            "device": device.device_kind,
+            "backend": jax.default_backend(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "copy_bandwidth_gbs": bw,
+            "versions": {"python": platform.python_version(), "jax": jax.__version__,
+                         "jaxlib": _version("jaxlib"), "jax-triton": _version("jax-triton"),
+                         "triton": _version("triton"), **((fla or {}).get("_versions", {}))},
+            "timing": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner, "fla_reps": args.reps},
+            "workloads": {n: WORKLOADS[n].__dict__ for n in names},
+            "rows": rows,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

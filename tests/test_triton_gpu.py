@@ -1,0 +1,123 @@
+"""Triton backend (GPU only): outputs, final states and every gradient against the float32 reference.
+
+Skipped off-GPU by tests/conftest.py (the `gpu` marker). Run on the GPU machine with
+`python3 -m pytest -m gpu tests/test_triton_gpu.py -q`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, assert_close, make_inputs
+from test_lightning import check_against_reference, run_with_grads
+
+import shardattn
+
+pytestmark = pytest.mark.gpu
+IMPL = "triton"
+
+CASES = [
+    Case(B=2, T=500, H=4, Dk=64),
+    Case(B=1, T=63, H=2, Dk=128),
+    Case(B=2, T=130, H=4, Dk=48),
+    Case(B=1, T=200, H=2, Dk=100),
+    Case(B=1, T=500, H=8, Hkv=2, Dk=64),  # GQA 8/2
+    Case(B=2, T=100, H=4, Hkv=1, Dk=32, Dv=96),  # MQA, Dk != Dv
+    Case(B=1, T=70, H=2, Dk=16, Dv=256),
+    Case(B=2, T=500, H=4, Dk=64, dtype=jnp.bfloat16),
+    Case(B=1, T=500, H=4, Dk=128, dtype=jnp.bfloat16),
+    Case(B=1, T=63, H=8, Hkv=2, Dk=128, dtype=jnp.bfloat16),
+    Case(B=2, T=130, H=4, Dk=48, Dv=100, dtype=jnp.bfloat16),
+    Case(B=1, T=129, H=2, Dk=64, dtype=jnp.float16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+def test_matches_reference(case, with_state):
+    check_against_reference(IMPL, make_inputs(case, with_state=with_state), case.dtype)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [Case(B=2, T=500, H=4, Hkv=2, Dk=64), Case(B=1, T=63, H=2, Dk=48, Dv=100, dtype=jnp.bfloat16)],
+    ids=lambda c: c.id,
+)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+def test_reverse(case, with_state):
+    check_against_reference(IMPL, make_inputs(case, with_state=with_state), case.dtype, reverse=True)
+
+
+VARLEN = {
+    "3seqs": [0, 5, 70, 300],
+    "empty-seq": [0, 5, 5, 70, 71, 300],
+    "empty-last": [0, 150, 300, 300],
+    "chunk-edges": [0, 64, 128, 300],
+}
+
+
+@pytest.mark.parametrize("offsets", VARLEN.values(), ids=VARLEN.keys())
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_varlen(offsets, reverse, with_state, dtype):
+    case = Case(B=1, T=300, H=4, Hkv=2, Dk=64, Dv=48, dtype=dtype)
+    inputs = make_inputs(case, with_state=with_state, num_states=len(offsets) - 1)
+    cu = jnp.asarray(offsets, jnp.int32)
+    check_against_reference(IMPL, inputs, dtype, cu_seqlens=cu, reverse=reverse)
+
+
+@pytest.mark.parametrize("slope", [0.0, 8.0, "mixed"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_decay_extremes(slope, dtype):
+    case = Case(B=1, T=300, H=4, Dk=64, dtype=dtype)
+    inputs = make_inputs(case, with_state=True)
+    if slope == "mixed":
+        inputs["slopes"] = jnp.array([0.0, 1e-3, 1.0, 8.0], jnp.float32)
+    else:
+        inputs["slopes"] = jnp.full((case.H,), slope, jnp.float32)
+    check_against_reference(IMPL, inputs, dtype)
+
+
+def test_slope_gradient_long_sequence_bf16():
+    """d(slopes) over 4096 tokens in bf16: the sum that a closed form over positions would cancel."""
+    case = Case(B=1, T=4096, H=4, Dk=64, dtype=jnp.bfloat16)
+    inputs = make_inputs(case)
+    inputs["slopes"] = jnp.array([0.0, 0.01, 0.3, 2.0], jnp.float32)
+    check_against_reference(IMPL, inputs, case.dtype)
+
+
+def test_through_public_api_matches_xla():
+    case = Case(B=2, T=257, H=4, Hkv=2, Dk=64, dtype=jnp.bfloat16)
+    x = make_inputs(case, with_state=True)
+    outs = {
+        impl: shardattn.lightning_attention(
+            x["q"], x["k"], x["v"], slopes=x["slopes"], initial_state=x["initial_state"],
+            return_state=True, implementation=impl,
+        )
+        for impl in ("triton", "xla")
+    }
+    assert_close("o", outs["triton"][0], outs["xla"][0], 1e-2)
+    assert_close("final_state", outs["triton"][1], outs["xla"][1], 1e-2)
+    # The default implementation on a GPU is the Triton backend.
+    default = shardattn.lightning_attention(
+        x["q"], x["k"], x["v"], slopes=x["slopes"], initial_state=x["initial_state"], return_state=True
+    )
+    np.testing.assert_array_equal(np.asarray(default[0]), np.asarray(outs["triton"][0]))
+
+
+def test_deterministic():
+    case = Case(B=2, T=300, H=4, Hkv=2, Dk=64, dtype=jnp.bfloat16)
+    inputs = make_inputs(case, with_state=True)
+    first = run_with_grads(IMPL, inputs)
+    second = run_with_grads(IMPL, inputs)
+    for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unsupported_head_dim_raises():
+    from shardattn.kernels.lightning import triton as backend
+
+    x = make_inputs(Case(B=1, T=16, H=1, Dk=272))
+    with pytest.raises(NotImplementedError, match="head dims"):
+        backend.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=1.0)
