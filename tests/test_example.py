@@ -1,7 +1,6 @@
 """examples/train_tpu.py on the 8 fake CPU devices: the loss falls, parameters and optimizer state stay
 sharded over "data", and a sharded step computes the same loss and gradients as a one-device step."""
 
-import importlib
 import importlib.util
 import pathlib
 
@@ -24,13 +23,6 @@ def _load_example():
 
 
 ex = _load_example()
-
-# Until shardattn.sharded and shardattn.meshes.make_mesh are committed the mesh tests cannot run.
-_needs_mesh = pytest.mark.skipif(
-    importlib.util.find_spec("shardattn.sharded") is None
-    or not hasattr(importlib.import_module("shardattn.meshes"), "make_mesh"),
-    reason="shardattn.sharded / shardattn.meshes.make_mesh not there yet",
-)
 
 # Two layers, the second softmax: both attention kinds in the smallest model.
 TINY = ex.Config(layers=2, d_model=32, heads=2, softmax_every=2)
@@ -64,7 +56,6 @@ def test_fsdp_spec():
     assert ex.fsdp_spec((64, 64), 1) == jax.sharding.PartitionSpec()
 
 
-@_needs_mesh
 def test_loss_falls_on_mesh():
     args = ex.parse_args(
         ["--mesh", "2,4,1", "--layers", "2", "--softmax-every", "2", "--d-model", "32", "--heads", "2",
@@ -83,7 +74,6 @@ def test_loss_falls_on_mesh():
     assert heldout[-1] < 3.5 and heldout[-1] < heldout[0] - 0.25, heldout
 
 
-@_needs_mesh
 def test_sharded_step_matches_one_device():
     mesh = ex.parse_mesh("2,2,2")  # batch, sequence and heads all split in two
     optimizer = ex.make_optimizer(1e-3, steps=10)
