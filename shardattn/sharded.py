@@ -150,6 +150,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     # The initial state does not vary over the sequence axis (nor over batch axes when packed), but the
     # backends' state carries vary like q: give it q's varying axes (check_vma; a type cast, no data moves).
     missing = ((plan.seq_axis,) if plan.seq_axis else ()) + (plan.batch_axes if plan.packed else ())
+    given_state = initial_state  # as it came in, invariant over the sequence axis
     if initial_state is not None:
         initial_state = jax.lax.pcast(initial_state.astype(jnp.float32), missing, to="varying")
     else:
@@ -187,7 +188,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
         first_start = n  # no sequence starts inside a shard: S_in reaches every token
     else:
         o_loc, fin_loc, a, s_loc, first_start, finish = _packed_local(
-            plan, backend, q, slopes, initial_state, cu_seqlens, step, rank, lam_n
+            plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n
         )
 
     # Work order: the local state above, then the scan, then the correction; the scan depends only on
@@ -214,7 +215,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     return o, final
 
 
-def _packed_local(plan, backend, q, slopes, initial_state, cu_seqlens, step, rank, lam_n):
+def _packed_local(plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n):
     """Local work of one sequence shard with packed sequences (cu_seqlens, global offsets, batch 1).
 
     Everything is worked out in processing order ("p" frame: for reverse=True the global sequence and
@@ -259,8 +260,10 @@ def _packed_local(plan, backend, q, slopes, initial_state, cu_seqlens, step, ran
         carry = jnp.where((continued & ends_here)[:, None], jnp.exp(-slopes[None, :] * length[:, None]), 0.0)
         mine = jnp.where(ends_here[:, None, None, None], fin_p + carry[..., None, None] * s_in, 0.0)
         final_p = jax.lax.psum(mine, plan.seq_axis)
-        # Empty sequences have no last token: their final state is their initial state.
-        final_p = jnp.where(nonempty[:, None, None, None], final_p, to_p(initial_state))
+        # Empty sequences have no last token: their final state is their initial state (as given, which
+        # like final_p does not vary over the sequence axis).
+        init_p = jnp.zeros_like(final_p) if given_state is None else to_p(given_state.astype(jnp.float32))
+        final_p = jnp.where(nonempty[:, None, None, None], final_p, init_p)
         return to_p(final_p)
 
     return o_loc, fin_loc, a, s_loc, first_start, finish
