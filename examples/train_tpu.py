@@ -41,6 +41,7 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from shardattn.flax import LightningAttention  # noqa: E402
+from shardattn.lightning import resolve_implementations  # noqa: E402
 
 VOCAB = 256  # bytes
 SEPARATOR = 0  # NUL never occurs in source text; it marks the boundary between two files
@@ -54,6 +55,8 @@ class Config:
     softmax_every: int = 8  # MiniMax-01: seven lightning layers, then one softmax layer
     mlp_ratio: int = 4
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
+    scan: str = "auto"  # lightning state scan across sequence shards: ring | tree | allgather | auto
+    implementation: tuple[str, ...] | None = None  # lightning backends to try; None: the platform's best
 
     def is_softmax(self, layer_idx: int) -> bool:
         return self.softmax_every > 0 and (layer_idx + 1) % self.softmax_every == 0
@@ -173,7 +176,7 @@ class Block(nnx.Module):
             # layers decay more slowly and so see further back.
             self.attn = LightningAttention(
                 cfg.d_model, cfg.heads, layer_idx=layer_idx, num_layers=cfg.layers, decay="minimax",
-                mesh=mesh, dtype=dtype, rngs=rngs,
+                mesh=mesh, scan=cfg.scan, implementation=cfg.implementation, dtype=dtype, rngs=rngs,
             )
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_ratio * cfg.d_model, dtype=dtype, rngs=rngs)
 
@@ -339,6 +342,8 @@ def train(args, log=print) -> list[dict]:
     cfg = Config(
         layers=args.layers, d_model=args.d_model, heads=args.heads, softmax_every=args.softmax_every,
         dtype=args.dtype,
+        scan=args.scan,
+        implementation=tuple(args.implementation.split(",")) if args.implementation else None,
     )
     mesh = parse_mesh(args.mesh)
     check_divisible(args, mesh)
@@ -351,13 +356,15 @@ def train(args, log=print) -> list[dict]:
     b_sh = batch_sharding(mesh)
 
     n_params = sum(x.size for x in jax.tree.leaves(params))
+    backends = ", ".join(resolve_implementations(cfg.implementation))
     layer_kinds = "".join("S" if cfg.is_softmax(i) else "L" for i in range(cfg.layers))
     log(
         f"{jax.process_count()} process(es), {jax.device_count()} {jax.devices()[0].platform} device(s); "
         f"mesh {dict(mesh.shape) if mesh is not None else 'none (one device)'}\n"
         f"model: {n_params / 1e6:.2f}M parameters, layers {layer_kinds} (L lightning, S softmax), "
         f"d_model {cfg.d_model}, heads {cfg.heads}, {cfg.dtype}; batch {args.batch} x {args.seq_len} tokens\n"
-        f"data: {len(train_data) / 1e6:.1f} MB train, {len(heldout_data) / 1e6:.1f} MB held out "
+        f"lightning backends, first that serves: {backends}; sequence-shard state scan: {cfg.scan}\n"
+        f"data: {len(train_data) / 1e6:.2f} MB train, {len(heldout_data) / 1e6:.2f} MB held out "
         f"(Python {sys.version_info.major}.{sys.version_info.minor} stdlib)"
     )
     batch = lambda data, seed, step: [
@@ -408,6 +415,8 @@ def parse_args(argv=None):
     add("--softmax-every", type=int, default=8, help="every n-th layer is softmax attention (0: none)")
     add("--mesh", default="-1,1,1", help="data,seq,heads mesh sizes; -1 = the rest; 'none' = one device")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    add("--scan", default="auto", choices=["auto", "ring", "tree", "allgather"], help="lightning state scan")
+    add("--implementation", default="", help="lightning backends to try, e.g. triton,xla (default: best)")
     add("--lr", type=float, default=3e-3)
     add("--data-mb", type=float, default=32, help="megabytes of stdlib source to read")
     add("--eval-batches", type=int, default=4)

@@ -27,7 +27,8 @@ class LightningAttention(nnx.Module):
 
     With `mesh`, the attention runs as `shardattn.sharded.sharded_lightning` (batch over `batch_axis`,
     tokens over `seq_axis`, heads over `head_axis`; None means the mesh's "data"/"seq"/"heads" axis if it
-    has one); without, as the single-device `lightning_attention`. `implementation` is passed through.
+    has one; `scan` picks the state scan across sequence shards); without, as the single-device
+    `lightning_attention`. `implementation` (backend names) is passed through.
 
     >>> attn = LightningAttention(512, 8, layer_idx=0, num_layers=24, rngs=nnx.Rngs(0))
     >>> y = attn(x)  # x: [B, T, 512]
@@ -48,6 +49,7 @@ class LightningAttention(nnx.Module):
         batch_axis: str | None = None,
         seq_axis: str | None = None,
         head_axis: str | None = None,
+        scan: str = "auto",
         implementation=None,
         use_bias: bool = False,
         dtype=None,
@@ -66,6 +68,7 @@ class LightningAttention(nnx.Module):
         self.layer_idx, self.num_layers, self.decay = layer_idx, num_layers, decay
         self.scale = (1.0 if decay == "minimax" else None) if scale is None else scale
         self.mesh, self.batch_axis, self.seq_axis, self.head_axis = mesh, batch_axis, seq_axis, head_axis
+        self.scan = scan
         self.implementation = implementation
         self.dtype = dtype
 
@@ -101,7 +104,7 @@ class LightningAttention(nnx.Module):
 
             o = sharded_lightning(
                 q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, seq_axis=self.seq_axis,
-                head_axis=self.head_axis, **kwargs,
+                head_axis=self.head_axis, scan=self.scan, **kwargs,
             )
         o = self.norm(o.reshape(B, T, self.num_heads * self.head_dim))
         return self.out_proj(o * jax.nn.sigmoid(self.gate_proj(x)))
