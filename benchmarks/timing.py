@@ -1,0 +1,42 @@
+"""Timing helpers shared by the benchmark scripts: wall time of jitted calls, copy bandwidth, device."""
+
+import datetime
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def time_call(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
+    """Median wall time in ms of fn(*args) (a jitted function), synchronised on its outputs."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30, device=None) -> float:
+    """Device memory bandwidth in GB/s measured by copying a buffer (bytes read + bytes written)."""
+    device = device or jax.devices()[0]
+    x = jax.device_put(jnp.zeros((nbytes // 4,), jnp.float32), device)
+    copy = jax.jit(lambda a: a + 1.0)  # one read and one write of every element
+    ms = time_call(copy, x, warmup=3, repeats=20)
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def environment() -> dict:
+    device = jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": getattr(device, "device_kind", str(device)),
+        "num_devices": jax.device_count(),
+        "platform": jax.default_backend(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+    }
