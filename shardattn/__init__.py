@@ -2,5 +2,6 @@
 
 from shardattn.decay import DECAY_PRESETS, decay_slopes
 from shardattn.lightning import lightning_attention
+from shardattn.sharded import sharded_lightning
 
-__all__ = ["DECAY_PRESETS", "decay_slopes", "lightning_attention"]
+__all__ = ["DECAY_PRESETS", "decay_slopes", "lightning_attention", "sharded_lightning"]
