@@ -10,12 +10,12 @@ is held out.
 Parallelism: one mesh over every device of every host, axes ("data", "seq", "heads") from `--mesh`.
 Token batches are sharded over data and seq; lightning layers run sharded over all three axes
 (shardattn.sharded.sharded_lightning); parameters and AdamW moments are sharded over "data" (FSDP:
-each device stores 1/data of every weight; the step all-gathers the weights and reduce-scatters the
-gradients).
+each device stores 1/data of every weight and of its AdamW moments; the step all-gathers the weights,
+and the gradients are summed over the batch shards back into that layout).
 
-    python examples/train_tpu.py --fake-cpu-devices 8 --mesh 2,2,2 --steps 300      # laptop / CPU
-    python examples/train_tpu.py --mesh -1,1,1 --dtype bfloat16                     # GPUs of one host
-    python examples/train_tpu.py --distributed --mesh -1,1,1 --dtype bfloat16       # each TPU pod host
+    python examples/train_tpu.py --fake-cpu-devices 8 --mesh 2,2,2 --d-model 64 --seq-len 128  # CPU
+    python examples/train_tpu.py --mesh -1,1,1 --dtype bfloat16                   # GPUs of one host
+    python examples/train_tpu.py --distributed --mesh -1,1,1 --dtype bfloat16     # each TPU pod host
 
 See examples/TRAINING.md.
 """
@@ -283,8 +283,10 @@ def init_state(cfg: Config, mesh, optimizer, seed: int):
 def make_loss_fn(graphdef, mesh):
     def loss_fn(params, inputs, targets):
         if mesh is not None:
-            # FSDP, made explicit: all-gather every weight for the step (its transpose reduce-scatters the
-            # gradient back to the sharded layout), instead of leaving XLA to pick a layout per matmul.
+            # FSDP, made explicit: all-gather every weight for the step instead of leaving XLA to pick a
+            # layout per matmul. In the backward pass the gradients are summed over the batch shards and
+            # each device keeps its slice (the CPU compiler emits all-reduce + slice for this, seen in the
+            # HLO; a reduce-scatter would move half the bytes).
             replicated = NamedSharding(mesh, P())
             params = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, replicated), params)
         logits = nnx.merge(graphdef, params)(inputs)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from shardattn.decay import decay_slopes
 from shardattn.lightning import lightning_attention
+from shardattn.sharded import sharded_lightning
 
 
 class LightningAttention(nnx.Module):
@@ -70,7 +71,6 @@ class LightningAttention(nnx.Module):
         self.mesh, self.batch_axis, self.seq_axis, self.head_axis = mesh, batch_axis, seq_axis, head_axis
         self.scan = scan
         self.implementation = implementation
-        self.dtype = dtype
 
         def linear(n_in, n_out):
             return nnx.Linear(
@@ -99,9 +99,6 @@ class LightningAttention(nnx.Module):
         if self.mesh is None:
             o = lightning_attention(q, k, v, **kwargs)
         else:
-            # Imported here so that the single-device layer works without the sharding module.
-            from shardattn.sharded import sharded_lightning
-
             o = sharded_lightning(
                 q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, seq_axis=self.seq_axis,
                 head_axis=self.head_axis, scan=self.scan, **kwargs,
