@@ -92,6 +92,47 @@ def time_jax(impl, w, warmup, rounds, inner):
     }
 
 
+# Block-size variants of the Triton backend tried by --sweep (fields of triton.BlockSizes).
+SWEEP = {
+    "default": {},
+    "fwd_bv32_w4": {"fwd_bv": 32, "fwd_warps": 4},
+    "fwd_bv64_w4": {"fwd_bv": 64, "fwd_warps": 4},
+    "fwd_bv128_w8": {"fwd_bv": 128, "fwd_warps": 8},
+    "no_segments": {"min_programs": 1},
+    "more_segments": {"min_programs": 528, "min_seg_chunks": 4},
+    "stages3": {"num_stages": 3},
+    "bwd_bv64_w8": {"bwd_bv": 64, "bwd_warps": 8},
+    "bwd_bv64_w4": {"bwd_bv": 64, "bwd_warps": 4},
+    "bwd_bv128_w8": {"bwd_bv": 128, "bwd_warps": 8},
+}
+
+
+def sweep(names, variants, warmup, rounds, inner):
+    """Times the Triton backend under each BlockSizes variant; prints one line each."""
+    import dataclasses
+
+    from shardattn.kernels.lightning import triton as backend
+
+    default = backend.BlockSizes.get_default
+    rows = []
+    try:
+        for variant in variants:
+            change = SWEEP[variant]
+            backend.BlockSizes.get_default = staticmethod(
+                lambda *a, change=change: dataclasses.replace(default(*a), **change))
+            for name in names:
+                try:
+                    r = time_jax("triton", WORKLOADS[name], warmup, rounds, inner)
+                except Exception as err:
+                    r = {"fwd_ms": None, "fwd_bwd_ms": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                rows.append(dict(workload=name, variant=variant, **r))
+                print(f"sweep {name:18s} {variant:14s} fwd {r['fwd_ms'] or float('nan'):8.3f} ms  "
+                      f"fwd+bwd {r['fwd_bwd_ms'] or float('nan'):8.3f} ms {r.get('error', '')}", flush=True)
+    finally:
+        backend.BlockSizes.get_default = default
+    return rows
+
+
 def fla_worker(names, warmup, reps):
     """Child process: times fla's chunk_lightning_attn with CUDA events; prints one JSON line."""
     import torch
@@ -169,6 +210,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median taken)")
     p.add_argument("--inner", type=int, default=5, help="back-to-back calls per round")
     p.add_argument("--reps", type=int, default=25, help="fla: timed calls (median taken)")
+    p.add_argument("--sweep", default="", help=f"Triton block-size variants to time first: {list(SWEEP)}")
     p.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names = [n for n in args.workloads.split(",") if n]
@@ -184,11 +226,13 @@ def main(argv=None):
     bw = copy_bandwidth_gbs()
     print(f"device: {device.device_kind} ({jax.default_backend()}); copy bandwidth {bw:.0f} GB/s "
           f"(read + write)", flush=True)
+    sweep_rows = sweep(names, [v for v in args.sweep.split(",") if v], args.warmup, args.rounds,
+                       args.inner) if args.sweep else []
     rows = []
     for name in names:
         w = WORKLOADS[name]
         floor_ms = w.bytes_qkvo() / (bw * 1e9) * 1e3
-        for impl in args.impl.split(","):
+        for impl in [i for i in args.impl.split(",") if i]:
             try:
                 r = time_jax(impl, w, args.warmup, args.rounds, args.inner)
             except Exception as err:  # one failing backend must not lose the others' figures
@@ -227,6 +271,7 @@ def main(argv=None):
             "timing": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner, "fla_reps": args.reps},
             "workloads": {n: WORKLOADS[n].__dict__ for n in names},
             "rows": rows,
+            "sweep": sweep_rows,
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -61,6 +61,8 @@ class BlockSizes:
     bwd_bv: int
     bwd_warps: int
     num_stages: int = 2
+    min_programs: int = 264  # two programs per SM on an H100 (132 SMs)
+    min_seg_chunks: int = 8  # shortest segment worth a program, in chunks
 
     @staticmethod
     def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
@@ -118,17 +120,25 @@ def _kernels():
         T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
         NC_TOTAL: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, HAS_S0: tl.constexpr,
-        STORE_STATES: tl.constexpr, IEEE: tl.constexpr,
+        STORE_STATES: tl.constexpr, IEEE: tl.constexpr, P: tl.constexpr, TSEG: tl.constexpr,
+        STATES_ONLY: tl.constexpr,
     ):
-        # q: [B*T, H, DK]  k: [B*T, HKV, DK]  v: [B*T, HKV, DV]  s0, sf: [N, H, DK, DV] float32
+        # q: [B*T, H, DK]  k: [B*T, HKV, DK]  v: [B*T, HKV, DV]  s0, sf: [N, H, P, DK, DV] float32
         # st: [H, NC_TOTAL, DK, DV] float32 (S_in of every chunk, only with STORE_STATES)
+        # Each sequence is cut into P segments of TSEG tokens (a multiple of C) in processing order; a
+        # program runs one segment from its own incoming state s0[n, h, s]. STATES_ONLY runs a segment
+        # from zero and only writes its local final state (the first pass of the segment scan).
         pid_v = tl.program_id(0)
-        pid_nh = tl.program_id(1)
+        pid = tl.program_id(1)  # (n * H + h) * P + segment
+        seg = pid % P
+        pid_nh = pid // P
         n = pid_nh // H
         h = pid_nh % H
         hk = h // (H // HKV)
         NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
         bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+        p_lo = seg * TSEG
+        seg_len = tl.minimum(L - p_lo, TSEG)
 
         neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634  # log2(lam)
         ii = tl.arange(0, C)
@@ -141,37 +151,38 @@ def _kernels():
         intra = tl.exp2(tl.where(diff >= 0, diff * neg, float("-inf")))
         q_decay = tl.exp2((ii + 1).to(tl.float32) * neg)  # lam^(i+1)
 
-        state_off = (n * H + h).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+        state_off = pid.to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
         if HAS_S0:
             S = tl.load(s0_ptr + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
         else:
             S = tl.zeros([BK, BV], dtype=tl.float32)
 
-        num_chunks = tl.cdiv(L, C)
+        num_chunks = tl.cdiv(seg_len, C)
         for c in range(0, num_chunks):
-            p = c * C + ii
-            valid = p < L
+            p = p_lo + c * C + ii
+            valid = p < p_lo + seg_len
             if REVERSE:
                 t = bos + L - 1 - p
             else:
                 t = bos + p
             t = t.to(tl.int64)
-            q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
-                        mask=valid[:, None] & mk[None, :], other=0.0)
             k = tl.load(k_ptr + t[:, None] * (HKV * DK) + hk * DK + rk[None, :],
                         mask=valid[:, None] & mk[None, :], other=0.0)
             v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :],
                         mask=valid[:, None] & mv[None, :], other=0.0)
-            if STORE_STATES:
-                st_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
-                tl.store(st_ptr + st_off, S, mask=mk[:, None] & mv[None, :])
-            scores = _dot(q, tl.trans(k), IEEE) * intra
-            o = _dot(scores.to(v.dtype), v, IEEE)
-            o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
-            tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], (SCALE * o).to(o_ptr.dtype.element_ty),
-                     mask=valid[:, None] & mv[None, :])
-            # valid tokens in this chunk: only the last chunk may be short
-            length = tl.minimum(L - c * C, C)
+            if not STATES_ONLY:
+                q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
+                            mask=valid[:, None] & mk[None, :], other=0.0)
+                if STORE_STATES:
+                    st_off = (h * NC_TOTAL + coff + p_lo // C + c).to(tl.int64) * (DK * DV)
+                    tl.store(st_ptr + st_off + rk[:, None] * DV + rv[None, :], S, mask=mk[:, None] & mv[None, :])
+                scores = _dot(q, tl.trans(k), IEEE) * intra
+                o = _dot(scores.to(v.dtype), v, IEEE)
+                o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
+                tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
+                         (SCALE * o).to(o_ptr.dtype.element_ty), mask=valid[:, None] & mv[None, :])
+            # valid tokens in this chunk: only the last chunk of a segment may be short
+            length = tl.minimum(seg_len - c * C, C)
             key_exp = (length - 1 - ii).to(tl.float32)
             key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))  # lam^(l-1-j)
             kd = (k * key_decay[:, None]).to(k.dtype)
@@ -265,8 +276,10 @@ def _kernels():
             G = chunk_decay * G + SCALE * x
 
             dk_base = dk_ptr + pid_v.to(tl.int64) * (NTOK * H * DK)
-            tl.store(dk_base + t[:, None] * (H * DK) + h * DK + rk[None, :], dk, mask=mq)
-            tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv, mask=mo)
+            tl.store(dk_base + t[:, None] * (H * DK) + h * DK + rk[None, :], dk.to(dk_ptr.dtype.element_ty),
+                     mask=mq)
+            tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                     mask=mo)
 
         tl.store(ds0_ptr + state_off, G, mask=mkv)
         tl.store(dslope_ptr + pid_nh * NV + pid_v, -(tl.sum(tl.sum(ds_state, axis=1), axis=0) + ds_rest))
@@ -301,6 +314,18 @@ def _layout(cu_seqlens, B, T):
     return N, -(-T // C) + N, cu, coff
 
 
+def _num_segments(num_items, num_chunks, blocks):
+    """Segments per sequence so that about `blocks.min_programs` programs run at once.
+
+    Few (sequence, head, Dv block) items leave most SMs idle while each walks a long chain of chunks;
+    cutting sequences into segments costs one extra read of k and v (the states-only pass).
+    """
+    if num_items >= blocks.min_programs:
+        return 1
+    want = -(-blocks.min_programs // num_items)
+    return max(1, min(want, num_chunks // blocks.min_seg_chunks))
+
+
 def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_states, out_dtype, blocks,
                   bv=None):
     """The forward kernel: o [B, T, H, DV], final state [N, H, DK, DV], optional per-chunk S_in.
@@ -313,21 +338,42 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     BK = _pow2(DK)
     BV = min(bv or blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
-    has_s0 = s0 is not None
-    s0_arg = s0 if has_s0 else jnp.zeros((1,), jnp.float32)
+    num_chunks = -(-T // CHUNK)
+    P = 1 if cu_seqlens is not None else _num_segments(N * H * NV, num_chunks, blocks)
+    seg_chunks = -(-num_chunks // P)
+    P = -(-num_chunks // seg_chunks)  # no empty segments
+    TSEG = seg_chunks * CHUNK if P > 1 else T
+    dummy = jnp.zeros((1,), jnp.float32)
     st_shape = (H, nc_total, DK, DV) if store_states else (1,)
-    o, sf, st = _launch(
-        _kernels()[0], (NV, N * H),
-        (q, k, v, slopes, s0_arg, cu, coff),
-        (jax.ShapeDtypeStruct(q.shape[:3] + (DV,), out_dtype),
-         jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32),
-         jax.ShapeDtypeStruct(st_shape, jnp.float32)),
+    meta = dict(
         name="lightning_fwd", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
         T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(scale), NC_TOTAL=nc_total,
-        REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, HAS_S0=has_s0,
-        STORE_STATES=bool(store_states), IEEE=q.dtype == jnp.float32,
+        REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P, TSEG=TSEG,
     )
-    return o, sf, (st if store_states else None)
+    state_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
+    if P > 1:
+        # Segment scan: local final states of every segment from zero (k, v only), then
+        # S_in(s) = lam^len(s-1) S_in(s-1) + S_loc(s-1) over the few segments, in plain JAX.
+        _, s_loc, _ = _launch(
+            _kernels()[0], (NV, N * H * P), (q, k, v, slopes, dummy, cu, coff),
+            (jax.ShapeDtypeStruct((1,), out_dtype), state_shape, jax.ShapeDtypeStruct((1,), jnp.float32)),
+            HAS_S0=False, STORE_STATES=False, STATES_ONLY=True, **meta,
+        )
+        lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]  # every segment but the last is full
+        incoming = [jnp.zeros((N, H, DK, DV), jnp.float32) if s0 is None else s0]
+        for seg in range(1, P):
+            incoming.append(lam_seg * incoming[-1] + s_loc[:, :, seg - 1])
+        s0_arg, has_s0 = jnp.stack(incoming, axis=2), True
+    else:
+        has_s0 = s0 is not None
+        s0_arg = s0[:, :, None] if has_s0 else dummy
+    o, sf, st = _launch(
+        _kernels()[0], (NV, N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
+        (jax.ShapeDtypeStruct(q.shape[:3] + (DV,), out_dtype), state_shape,
+         jax.ShapeDtypeStruct(st_shape, jnp.float32)),
+        HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=False, **meta,
+    )
+    return o, sf[:, :, -1], (st if store_states else None)
 
 
 def _check_supported(q, k, v):
@@ -386,8 +432,9 @@ def _lightning_bwd(opts, residuals, cotangents):
     dk_part, dv_h, ds0, dslope_part = _launch(
         _kernels()[1], (NV, N * H),
         (q, k, v, do, slopes, dfinal, states_t, cu, coff),
-        (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32),
-         jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32),
+        # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
+        (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if NV > 1 or G > 1 else k.dtype),
+         jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32 if G > 1 else v.dtype),
          jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32),
          jax.ShapeDtypeStruct((N * H * NV,), jnp.float32)),
         name="lightning_dkdv", num_warps=blocks.bwd_warps, num_stages=blocks.num_stages,
@@ -396,8 +443,10 @@ def _lightning_bwd(opts, residuals, cotangents):
         IEEE=q.dtype == jnp.float32,
     )
     # dk, dv of query head h belong to kv head h // G: sum each group (the state is per query head).
-    dk = dk_part.sum(0).reshape(B, T, HKV, G, DK).sum(3).astype(k.dtype)
-    dv = dv_h.reshape(B, T, HKV, G, DV).sum(3).astype(v.dtype)
+    dk = (dk_part.sum(0) if NV > 1 else dk_part[0]).reshape(B, T, HKV, G, DK)
+    dk = (dk.sum(3) if G > 1 else dk[:, :, :, 0]).astype(k.dtype)
+    dv = dv_h.reshape(B, T, HKV, G, DV)
+    dv = (dv.sum(3) if G > 1 else dv[:, :, :, 0]).astype(v.dtype)
     dslopes = dslope_part.reshape(N, H, NV).sum((0, 2)).astype(slopes.dtype)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
     return dq, dk, dv, dslopes, ds0, None
