@@ -157,6 +157,12 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
         # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (JAX_NOTES), and the reference
         # backend's scan carry would then fail check_vma.
         initial_state = jnp.zeros_like(q, shape=(num_states, h, Dk, Dv), dtype=jnp.float32)
+    # Same for the slopes (they vary over heads only). Without this cast JAX inserts it inside the
+    # backend, on whatever slope-derived value first meets q (e.g. the XLA backend's [h, C, C] decay
+    # matrix), and the backward pass then all-reduces that whole matrix; cast here, the backward psum is
+    # of the [h] slope gradient alone.
+    seq_and_batch = ((plan.seq_axis,) if plan.seq_axis else ()) + plan.batch_axes
+    slopes = jax.lax.pcast(slopes.astype(jnp.float32), seq_and_batch, to="varying")
 
     def backend(init, cu):
         return run_backends(
@@ -176,7 +182,6 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     phys = (lambda i: num - 1 - i) if plan.reverse else (lambda i: i)
     pos = jnp.arange(n)
     proc_pos = n - 1 - pos if plan.reverse else pos  # processing position of each local token
-    slopes = slopes.astype(jnp.float32)
     lam_n = jnp.exp(-slopes * n)[None]  # [1, h]: decay across a whole shard
 
     if cu_seqlens is None:
