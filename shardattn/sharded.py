@@ -102,6 +102,10 @@ def _scan_ring(a, s, *, axis, num, step, phys):
     return s_in
 
 
+def _select(cond, new, old):
+    return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
+
+
 def _scan_tree(a, s, *, axis, num, step, phys):
     # Hillis-Steele over shards. After the round with shift d, `inc` covers shards (step-2d, step] and
     # `exc` covers (step-2d, step): each round ships only `inc` (from step-d), and both absorb it. After
@@ -114,8 +118,8 @@ def _scan_tree(a, s, *, axis, num, step, phys):
         received = jax.lax.ppermute(inc, axis, perm)
         # Shards with step < d receive zeros, which are not the identity (1, 0): mask them out.
         has = step >= d
-        exc = jax.tree.map(lambda new, old: jnp.where(has, new, old), _combine(received, exc), exc)
-        inc = jax.tree.map(lambda new, old: jnp.where(has, new, old), _combine(received, inc), inc)
+        exc = _select(has, _combine(received, exc), exc)
+        inc = _select(has, _combine(received, inc), inc)
         d *= 2
     return exc[1]
 

@@ -15,9 +15,9 @@ import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from shardattn.meshes import make_mesh, shard_qkv
 
 import shardattn
-from shardattn.meshes import make_mesh, shard_qkv
 from shardattn.sharded import sharded_lightning
 
 # Backend of the sharded runs (the expected values always come from implementation="reference").
@@ -52,7 +52,7 @@ def run_with_grads(fn, inputs, *, seed=1, **kw):
     return o, s, dict(zip(names, grads, strict=True))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def expected(case, seed, with_state, num_states, reverse, cu):
     """Reference results for make_inputs(case, seed, ...), cached across meshes and scans."""
     inputs = make_inputs(case, seed, with_state=with_state, num_states=num_states)
@@ -69,7 +69,13 @@ def check(case, mesh, *, seed=0, with_state=True, reverse=False, cu=None, report
     inputs = make_inputs(case, seed, with_state=with_state, num_states=num_states)
     cu_seqlens = None if cu is None else jnp.asarray(cu, jnp.int32)
     o, s, g = run_with_grads(
-        sharded_lightning, inputs, mesh=mesh, reverse=reverse, cu_seqlens=cu_seqlens, implementation=IMPL, **kw
+        sharded_lightning,
+        inputs,
+        mesh=mesh,
+        reverse=reverse,
+        cu_seqlens=cu_seqlens,
+        implementation=IMPL,
+        **kw,
     )
     o_ref, s_ref, g_ref = expected(case, seed, with_state, num_states, reverse, cu)
     errors = {"o": assert_close("o", o, o_ref, tolerance(case.dtype))}
@@ -157,7 +163,10 @@ VARLEN = {
 
 # Every scan in both directions on "many"; the other layouts on one scan each (compile time).
 VARLEN_RUNS = [(scan, "many", reverse) for scan in SCANS for reverse in (False, True)] + [
-    ("ring", "long", False), ("tree", "long", True), ("allgather", "edges", False), ("ring", "edges", True),
+    ("ring", "long", False),
+    ("tree", "long", True),
+    ("allgather", "edges", False),
+    ("ring", "edges", True),
     ("tree", "one", False),
 ]
 
@@ -257,7 +266,9 @@ def test_explicit_and_auto_meshes(axis_type):
         assert mesh.axis_types[0] == jax.sharding.AxisType.Explicit
     else:
         mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq"))
-    o_ref = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], implementation="reference")
+    o_ref = shardattn.lightning_attention(
+        x["q"], x["k"], x["v"], slopes=x["slopes"], implementation="reference"
+    )
     call = functools.partial(sharded_lightning, mesh=mesh, slopes=x["slopes"], implementation=IMPL)
     # Inputs placed otherwise: q over seq only, k on one device, v not placed (eagerly); under jit, q
     # placed otherwise (jit itself refuses committed arguments on different device sets).
@@ -291,7 +302,9 @@ def test_jitted_training_step():
         value, grads = jax.value_and_grad(loss)(params, x, target, attention, **kw)
         return value, grads, jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
-    sharded_step = jax.jit(functools.partial(step, attention=sharded_lightning, mesh=mesh, implementation=IMPL))
+    sharded_step = jax.jit(
+        functools.partial(step, attention=sharded_lightning, mesh=mesh, implementation=IMPL)
+    )
     value, grads, new_params = sharded_step(params, x, target)
     value2, _, _ = sharded_step(new_params, x, target)  # the step runs again on its own output
     ref_value, ref_grads, _ = jax.jit(
@@ -321,7 +334,8 @@ def _bad_calls():
          (jnp.zeros((2, 8, 3, 16)), kv[:, :, :1], kv[:, :, :1]), dict(ok, slopes=jnp.ones(3))),
         ("kv-heads-divisible", ValueError, r"num_kv_heads \(k, v\)=1 must be divisible .* 'heads', 2",
          (q, kv[:, :, :1], kv[:, :, :1]), ok),
-        ("batch-divisible", ValueError, r"batch=1 must be divisible .* 'data', 2", (q[:1], kv[:1], kv[:1]), ok),
+        ("batch-divisible", ValueError, r"batch=1 must be divisible .* 'data', 2",
+         (q[:1], kv[:1], kv[:1]), ok),
         ("scan-name", ValueError, "scan='linear'", (q, kv, kv), dict(ok, scan="linear")),
         ("one-role-per-axis", ValueError, "only one role", (q, kv, kv), dict(ok, head_axis="seq")),
         ("mesh-type", TypeError, "jax.sharding.Mesh", (q, kv, kv), dict(ok, mesh="seq")),
