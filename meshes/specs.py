@@ -124,6 +124,26 @@ def state_spec(mesh, batch_axis=None, head_axis=None, *, packed=False) -> Partit
     return PartitionSpec(None if packed else _batch_entry(axes.batch), axes.heads, None, None)
 
 
+def place(x, sharding: NamedSharding):
+    """Puts x at `sharding`: eagerly a transfer (a no-op when already there), under jit a constraint.
+
+    Under jit, device_put constrains only Explicit mesh axes (it is jax.sharding.reshard there); with
+    Auto axes it leaves the sharding to propagation, so those get with_sharding_constraint instead.
+    """
+    if isinstance(x, jax.core.Tracer):
+        auto = jax.sharding.AxisType.Auto
+        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
+        named = [
+            n
+            for entry in sharding.spec
+            if entry is not None
+            for n in (entry if isinstance(entry, tuple) else (entry,))
+        ]
+        if named and all(types[n] == auto for n in named):
+            return jax.lax.with_sharding_constraint(x, sharding)
+    return jax.device_put(x, sharding)
+
+
 def shard_qkv(x, mesh, batch_axis=None, seq_axis=None, head_axis=None):
     """Places a [B, T, H, D] array on `mesh` with `qkv_spec` (a no-op when already placed so).
 
@@ -131,4 +151,4 @@ def shard_qkv(x, mesh, batch_axis=None, seq_axis=None, head_axis=None):
     constraint), for meshes with Auto or Explicit axes.
     """
     spec = qkv_spec(mesh, batch_axis, seq_axis, head_axis)
-    return jax.device_put(x, NamedSharding(mesh, spec))
+    return place(x, NamedSharding(mesh, spec))

@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardattn.lightning import check_and_derive, run_backends
 from shardattn.meshes.specs import axis_size, resolve_axes
+from shardattn.meshes.specs import place as place_on
 
 SCANS = ("auto", "ring", "tree", "allgather")
 
@@ -369,11 +370,11 @@ def sharded_lightning(
         return_state=bool(return_state),
     )
 
-    # Inputs of any placement (numpy, one device, other shardings) go to the specs shard_map expects.
-    # device_put is a no-op when they already match, a sharding constraint under jit, and also what a
-    # mesh with Explicit axes needs (jax.make_mesh's default: shard_map refuses mismatched inputs).
+    # Inputs of any placement (numpy, one device, other shardings) go to the specs shard_map expects:
+    # a no-op when they already match, a transfer eagerly, a constraint under jit. A mesh with Explicit
+    # axes (jax.make_mesh's default) needs this: its shard_map refuses inputs placed otherwise.
     def place(x, spec):
-        return jax.device_put(x, NamedSharding(mesh, spec))
+        return place_on(x, NamedSharding(mesh, spec))
 
     args = [place(q, spec_qkv), place(k, spec_qkv), place(v, spec_qkv), place(slopes, P(axes.heads))]
     in_specs = [spec_qkv, spec_qkv, spec_qkv, P(axes.heads)]
