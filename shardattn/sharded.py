@@ -66,7 +66,8 @@ class _Plan:
     return_state: bool
 
 
-def _choose_scan(scan, num_seq, state_bytes):
+def choose_scan(scan: str, num_seq: int, state_bytes: int) -> str:
+    """The scan that scan="auto" runs for `num_seq` sequence shards of `state_bytes` of state each."""
     if scan != "auto":
         return scan
     if num_seq <= AUTO_ALLGATHER_MAX_SHARDS and num_seq * state_bytes <= AUTO_ALLGATHER_MAX_BYTES:
@@ -361,7 +362,7 @@ def sharded_lightning(
         seq_axis=axes.seq,
         head_axis=axes.heads,
         num_seq=num_seq,
-        scan=_choose_scan(scan, num_seq, state_bytes),
+        scan=choose_scan(scan, num_seq, state_bytes),
         scale=scale,
         reverse=bool(reverse),
         implementations=implementations,

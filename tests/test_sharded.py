@@ -362,11 +362,11 @@ def test_bad_input_is_rejected(name, exc, match, args, kwargs, monkeypatch):
 
 
 def test_auto_scan_choice():
-    from shardattn.sharded import _choose_scan
+    from shardattn.sharded import choose_scan
 
-    assert _choose_scan("auto", 4, 2**20) == "allgather"
-    assert _choose_scan("auto", 64, 2**20) == "tree"
-    assert _choose_scan("auto", 8, 2**30) == "tree"  # gathered states would not fit comfortably
-    assert _choose_scan("ring", 64, 2**20) == "ring"
+    assert choose_scan("auto", 4, 2**20) == "allgather"
+    assert choose_scan("auto", 64, 2**20) == "tree"
+    assert choose_scan("auto", 8, 2**30) == "tree"  # gathered states would not fit comfortably
+    assert choose_scan("ring", 64, 2**20) == "ring"
     # And "auto" runs end to end (here: allgather, P = 4).
     check(CASE, make_mesh(data=2, seq=4), scan="auto", report="2x4x1 auto")
