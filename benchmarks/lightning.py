@@ -95,15 +95,15 @@ def time_jax(impl, w, warmup, rounds, inner):
 # Block-size variants of the Triton backend tried by --sweep (fields of triton.BlockSizes).
 SWEEP = {
     "default": {},
-    "fwd_bv32_w4": {"fwd_bv": 32, "fwd_warps": 4},
-    "fwd_bv64_w4": {"fwd_bv": 64, "fwd_warps": 4},
-    "fwd_bv128_w8": {"fwd_bv": 128, "fwd_warps": 8},
-    "no_segments": {"min_programs": 1},
-    "more_segments": {"min_programs": 528, "min_seg_chunks": 4},
-    "stages3": {"num_stages": 3},
-    "bwd_bv64_w8": {"bwd_bv": 64, "bwd_warps": 8},
-    "bwd_bv64_w4": {"bwd_bv": 64, "bwd_warps": 4},
-    "bwd_bv128_w8": {"bwd_bv": 128, "bwd_warps": 8},
+    "fwd_w8": {"fwd_warps": 8},
+    "fwd_bv32": {"fwd_bv": 32},
+    "stages2": {"num_stages": 2},
+    "seg_always": {"seg_below": 10**6},
+    "seg_never": {"min_programs": 1},
+    "par_bv128_w8": {"par_bv": 128, "par_warps": 8},
+    "par_bv64_w4": {"par_bv": 64, "par_warps": 4},
+    "par_bv32_w4": {"par_bv": 32, "par_warps": 4},
+    "sequential_bwd": {"bwd_parallel": False},
 }
 
 
@@ -135,8 +135,20 @@ def sweep(names, variants, warmup, rounds, inner):
 
 def fla_worker(names, warmup, reps):
     """Child process: times fla's chunk_lightning_attn with CUDA events; prints one JSON line."""
+    import tempfile
+
+    # Triton needs a writable cache directory; the GPU machine's default one could not be created.
+    cache = tempfile.mkdtemp(prefix="triton-cache-")
+    os.environ["TRITON_CACHE_DIR"] = cache
+    os.environ["TRITON_HOME"] = cache
     import torch
+    import triton
     from fla.ops.lightning_attn import chunk_lightning_attn
+
+    try:
+        triton.knobs.cache.dir = cache
+    except Exception:  # older Triton without knobs: the environment variable serves
+        pass
 
     def bench(fn):
         for _ in range(warmup):
@@ -263,7 +275,7 @@ def main(argv=None):
         result = {
             "device": device.device_kind,
             "backend": jax.default_backend(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "copy_bandwidth_gbs": bw,
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "jaxlib": _version("jaxlib"), "jax-triton": _version("jax-triton"),

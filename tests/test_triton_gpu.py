@@ -121,3 +121,39 @@ def test_unsupported_head_dim_raises():
     x = make_inputs(Case(B=1, T=16, H=1, Dk=272))
     with pytest.raises(NotImplementedError, match="head dims"):
         backend.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=1.0)
+
+
+@pytest.fixture
+def block_sizes(monkeypatch):
+    """Runs the backend under changed BlockSizes fields (to reach its other code paths)."""
+    import dataclasses
+
+    from shardattn.kernels.lightning import triton as backend
+
+    default = backend.BlockSizes.get_default
+
+    def use(**change):
+        monkeypatch.setattr(backend.BlockSizes, "get_default",
+                            staticmethod(lambda *a: dataclasses.replace(default(*a), **change)))
+
+    return use
+
+
+@pytest.mark.parametrize("case", [Case(B=1, T=700, H=2, Dk=64), Case(B=2, T=500, H=4, Hkv=2, Dk=128, Dv=64,
+                                                                    dtype=jnp.bfloat16)], ids=lambda c: c.id)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_segment_scan(block_sizes, case, reverse):
+    """Sequences cut into 1-chunk segments: the forward's segment scan must be exact."""
+    block_sizes(min_seg_chunks=1, seg_below=10**6, min_programs=10**6)
+    check_against_reference(IMPL, make_inputs(case, with_state=True), case.dtype, reverse=reverse)
+
+
+@pytest.mark.parametrize("change", [{"bwd_parallel": False}, {"par_bv": 32}], ids=["sequential", "dv-split"])
+@pytest.mark.parametrize("offsets", [None, [0, 5, 5, 70, 300]], ids=["dense", "varlen"])
+def test_backward_variants(block_sizes, change, offsets):
+    block_sizes(**change)
+    case = Case(B=1 if offsets else 2, T=300, H=4, Hkv=2, Dk=64, Dv=96, dtype=jnp.bfloat16)
+    n = None if offsets is None else len(offsets) - 1
+    inputs = make_inputs(case, with_state=True, num_states=n)
+    cu = None if offsets is None else jnp.asarray(offsets, jnp.int32)
+    check_against_reference(IMPL, inputs, case.dtype, cu_seqlens=cu, reverse=True)

@@ -33,11 +33,9 @@ Backward (same kernel family, no per-token state kept; residuals are q, k, v):
 
 import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -63,16 +61,23 @@ class BlockSizes:
     num_stages: int = 2
     min_programs: int = 264  # two programs per SM on an H100 (132 SMs)
     min_seg_chunks: int = 8  # shortest segment worth a program, in chunks
+    seg_below: int = 128  # cut sequences into segments only below this many (seq, head, Dv block) items
+    bwd_parallel: bool = True  # chunk-parallel backward (else one sequential dkdv kernel)
+    par_bv: int = 64  # Dv block of the chunk-parallel backward kernel
+    par_warps: int = 8
 
     @staticmethod
     def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
         bk, bv = _pow2(dk), _pow2(dv)
         if jnp.dtype(dtype) == jnp.float32:
             # ieee float32 dots run on FMA units; smaller tiles keep registers in check.
-            return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1)
+            return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1, par_bv=32, par_warps=4)
+        # H100 sweep (benchmarks/RESULTS_triton.md): 4 warps and 3 stages beat 8 warps and 2 stages for
+        # the forward walk at Dk = 128.
         fwd_bv = min(bv, 64 if bk <= 128 else 32)
         bwd_bv = min(bv, 64 if bk <= 64 else 32)
-        return BlockSizes(fwd_bv, 4 if bk <= 64 else 8, bwd_bv, 4 if bk <= 64 else 8)
+        return BlockSizes(fwd_bv, 4 if bk <= 128 else 8, bwd_bv, 4 if bk <= 64 else 8, 3,
+                          par_bv=64 if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
 
 
 def _pow2(d: int) -> int:
@@ -170,12 +175,13 @@ def _kernels():
                         mask=valid[:, None] & mk[None, :], other=0.0)
             v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :],
                         mask=valid[:, None] & mv[None, :], other=0.0)
+            if STORE_STATES:
+                st_off = (h * NC_TOTAL + coff + p_lo // C + c).to(tl.int64) * (DK * DV)
+                tl.store(st_ptr + st_off + rk[:, None] * DV + rv[None, :], S.to(st_ptr.dtype.element_ty),
+                         mask=mk[:, None] & mv[None, :])
             if not STATES_ONLY:
                 q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
                             mask=valid[:, None] & mk[None, :], other=0.0)
-                if STORE_STATES:
-                    st_off = (h * NC_TOTAL + coff + p_lo // C + c).to(tl.int64) * (DK * DV)
-                    tl.store(st_ptr + st_off + rk[:, None] * DV + rv[None, :], S, mask=mk[:, None] & mv[None, :])
                 scores = _dot(q, tl.trans(k), IEEE) * intra
                 o = _dot(scores.to(v.dtype), v, IEEE)
                 o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
@@ -284,7 +290,140 @@ def _kernels():
         tl.store(ds0_ptr + state_off, G, mask=mkv)
         tl.store(dslope_ptr + pid_nh * NV + pid_v, -(tl.sum(tl.sum(ds_state, axis=1), axis=0) + ds_rest))
 
-    return fwd_kernel, dkdv_kernel
+    @triton.jit
+    def dstate_kernel(
+        q_ptr, do_ptr, slope_ptr, dsf_ptr, cu_ptr, coff_ptr,  # inputs
+        gt_ptr, ds0_ptr,  # outputs
+        T: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
+        BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr, NC_TOTAL: tl.constexpr,
+        REVERSE: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # The backward state chain alone: walks the chunks last to first and stores G = dL/dS_out of
+        # every chunk (gt: [H, NC_TOTAL, DK, DV]); dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i.
+        pid_v = tl.program_id(0)
+        pid_nh = tl.program_id(1)
+        n = pid_nh // H
+        h = pid_nh % H
+        NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
+        bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+        neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634
+        ii = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        rv = pid_v * BV + tl.arange(0, BV)
+        mk = rk < DK
+        mv = rv < DV
+        mkv = mk[:, None] & mv[None, :]
+        q_decay = tl.exp2((ii + 1).to(tl.float32) * neg)
+        state_off = (n * H + h).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+        G = tl.load(dsf_ptr + state_off, mask=mkv, other=0.0)
+        num_chunks = tl.cdiv(L, C)
+        for cc in range(0, num_chunks):
+            c = num_chunks - 1 - cc
+            p = c * C + ii
+            valid = p < L
+            if REVERSE:
+                t = bos + L - 1 - p
+            else:
+                t = bos + p
+            t = t.to(tl.int64)
+            q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
+                        mask=valid[:, None] & mk[None, :], other=0.0)
+            do = tl.load(do_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
+                         mask=valid[:, None] & mv[None, :], other=0.0)
+            gt_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+            tl.store(gt_ptr + gt_off, G.to(gt_ptr.dtype.element_ty), mask=mkv)
+            length = tl.minimum(L - c * C, C)
+            qd = (q * q_decay[:, None]).to(q.dtype)
+            G = tl.exp2(length.to(tl.float32) * neg) * G + SCALE * _dot(tl.trans(qd), do, IEEE)
+        tl.store(ds0_ptr + state_off, G, mask=mkv)
+
+    @triton.jit
+    def bwd_chunk_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, st_ptr, gt_ptr, cu_ptr, coff_ptr, slot_seq_ptr,
+        slot_chunk_ptr,  # inputs
+        dq_ptr, dk_ptr, dv_ptr, dslope_ptr,  # outputs
+        T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+        NC_TOTAL: tl.constexpr, NV: tl.constexpr, NTOK: tl.constexpr, REVERSE: tl.constexpr,
+        VARLEN: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        # Every chunk at once, given S_in (st) and G = dL/dS_out (gt) of each chunk:
+        #   dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T)
+        #   dk_j = scale sum_{i>=j} lam^(i-j) (dO_i . v_j) q_i + lam^(l-1-j) G v_j
+        #   dv_j = scale sum_{i>=j} lam^(i-j) (q_i . k_j) dO_i + lam^(l-1-j) k_j G
+        # and this chunk's share of dL/dslope (module docstring). dq, dk: [NV, B*T, H, DK] partial sums
+        # over Dv blocks; dv: [B*T, H, DV] per query head; dslope: [NV, NC_TOTAL, H].
+        pid_v = tl.program_id(0)
+        slot = tl.program_id(1)
+        h = tl.program_id(2)
+        hk = h // (H // HKV)
+        NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
+        if VARLEN:
+            n = tl.load(slot_seq_ptr + slot)
+            c = tl.load(slot_chunk_ptr + slot)
+        else:
+            n = slot // NC_PER_SEQ
+            c = slot % NC_PER_SEQ
+        bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+        in_use = c * C < L  # varlen leaves slots past the last chunk unused (never written states)
+        length = tl.maximum(tl.minimum(L - c * C, C), 0)
+
+        neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634
+        ii = tl.arange(0, C)
+        rk = tl.arange(0, BK)
+        rv = pid_v * BV + tl.arange(0, BV)
+        mk = rk < DK
+        mv = rv < DV
+        mkv = mk[:, None] & mv[None, :] & in_use
+        lag = (ii[:, None] - ii[None, :]).to(tl.float32)  # [i, j]
+        intra = tl.exp2(tl.where(lag >= 0, lag * neg, float("-inf")))
+        pos1 = (ii + 1).to(tl.float32)
+        q_decay = tl.exp2(pos1 * neg)
+        key_exp = (length - 1 - ii).to(tl.float32)
+        key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))
+
+        p = c * C + ii
+        valid = p < L
+        if REVERSE:
+            t = bos + L - 1 - p
+        else:
+            t = bos + p
+        t = t.to(tl.int64)
+        mq = valid[:, None] & mk[None, :]
+        mo = valid[:, None] & mv[None, :]
+        q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :], mask=mq, other=0.0)
+        k = tl.load(k_ptr + t[:, None] * (HKV * DK) + hk * DK + rk[None, :], mask=mq, other=0.0)
+        v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :], mask=mo, other=0.0)
+        do = tl.load(do_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], mask=mo, other=0.0)
+        s_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
+        S_in = tl.load(st_ptr + s_off, mask=mkv, other=0.0)
+        Gc = tl.load(gt_ptr + s_off, mask=mkv, other=0.0)
+
+        qk = _dot(q, tl.trans(k), IEEE)  # [i, j]
+        dov = _dot(do, tl.trans(v), IEEE)  # [i, j]
+        a = qk * intra
+        b = dov * intra
+        dq = _dot(b.to(k.dtype), k, IEEE) + q_decay[:, None] * _dot(do, tl.trans(S_in.to(do.dtype)), IEEE)
+        dk_inter = key_decay[:, None] * _dot(v, tl.trans(Gc.to(v.dtype)), IEEE)
+        dk = SCALE * _dot(tl.trans(b).to(q.dtype), q, IEEE) + dk_inter
+        dv = SCALE * _dot(tl.trans(a).to(do.dtype), do, IEEE) + key_decay[:, None] * _dot(k, Gc.to(k.dtype), IEEE)
+
+        ds = SCALE * tl.sum(tl.sum(lag * a * dov, axis=1), axis=0)  # lam^(i-j) once: a has it
+        ds += tl.sum(key_exp * tl.sum(k.to(tl.float32) * dk_inter, axis=1), axis=0)
+        qd_pos = (q * (q_decay * pos1)[:, None]).to(q.dtype)
+        x_pos = _dot(tl.trans(qd_pos), do, IEEE)  # sum_i (i+1) lam^(i+1) q_i^T dO_i
+        chunk_decay = tl.exp2(length.to(tl.float32) * neg)
+        w = SCALE * x_pos + (length.to(tl.float32) * chunk_decay) * Gc.to(tl.float32)
+        ds += tl.sum(tl.sum(S_in.to(tl.float32) * w, axis=1), axis=0)
+        tl.store(dslope_ptr + (pid_v * NC_TOTAL + slot) * H + h, -ds)
+
+        base = pid_v.to(tl.int64) * (NTOK * H * DK)
+        rows = t[:, None] * (H * DK) + h * DK + rk[None, :]
+        tl.store(dq_ptr + base + rows, (SCALE * dq).to(dq_ptr.dtype.element_ty), mask=mq)
+        tl.store(dk_ptr + base + rows, dk.to(dk_ptr.dtype.element_ty), mask=mq)
+        tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mo)
+
+    return fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel
 
 
 # --------------------------------------------------------------------------------------------- wrappers
@@ -320,14 +459,14 @@ def _num_segments(num_items, num_chunks, blocks):
     Few (sequence, head, Dv block) items leave most SMs idle while each walks a long chain of chunks;
     cutting sequences into segments costs one extra read of k and v (the states-only pass).
     """
-    if num_items >= blocks.min_programs:
+    if num_items >= min(blocks.min_programs, blocks.seg_below):
         return 1
     want = -(-blocks.min_programs // num_items)
     return max(1, min(want, num_chunks // blocks.min_seg_chunks))
 
 
 def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_states, out_dtype, blocks,
-                  bv=None):
+                  bv=None, states_only=False, state_dtype=jnp.float32):
     """The forward kernel: o [B, T, H, DV], final state [N, H, DK, DV], optional per-chunk S_in.
 
     Also serves the dq pass (q, k, v) := (dO, v, k), which is why the roles are generic here.
@@ -339,12 +478,12 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     BV = min(bv or blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
     num_chunks = -(-T // CHUNK)
-    P = 1 if cu_seqlens is not None else _num_segments(N * H * NV, num_chunks, blocks)
+    P = 1 if cu_seqlens is not None or states_only else _num_segments(N * H * NV, num_chunks, blocks)
     seg_chunks = -(-num_chunks // P)
     P = -(-num_chunks // seg_chunks)  # no empty segments
     TSEG = seg_chunks * CHUNK if P > 1 else T
     dummy = jnp.zeros((1,), jnp.float32)
-    st_shape = (H, nc_total, DK, DV) if store_states else (1,)
+    st_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV) if store_states else (1,), state_dtype)
     meta = dict(
         name="lightning_fwd", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
         T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(scale), NC_TOTAL=nc_total,
@@ -356,7 +495,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
         # S_in(s) = lam^len(s-1) S_in(s-1) + S_loc(s-1) over the few segments, in plain JAX.
         _, s_loc, _ = _launch(
             _kernels()[0], (NV, N * H * P), (q, k, v, slopes, dummy, cu, coff),
-            (jax.ShapeDtypeStruct((1,), out_dtype), state_shape, jax.ShapeDtypeStruct((1,), jnp.float32)),
+            (jax.ShapeDtypeStruct((1,), out_dtype), state_shape, jax.ShapeDtypeStruct((1,), state_dtype)),
             HAS_S0=False, STORE_STATES=False, STATES_ONLY=True, **meta,
         )
         lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]  # every segment but the last is full
@@ -369,9 +508,9 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
         s0_arg = s0[:, :, None] if has_s0 else dummy
     o, sf, st = _launch(
         _kernels()[0], (NV, N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
-        (jax.ShapeDtypeStruct(q.shape[:3] + (DV,), out_dtype), state_shape,
-         jax.ShapeDtypeStruct(st_shape, jnp.float32)),
-        HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=False, **meta,
+        (jax.ShapeDtypeStruct(q.shape[:3] + (DV,) if not states_only else (1,), out_dtype), state_shape,
+         st_shape),
+        HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=bool(states_only), **meta,
     )
     return o, sf[:, :, -1], (st if store_states else None)
 
@@ -412,12 +551,75 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
 def _lightning_bwd(opts, residuals, cotangents):
     q, k, v, slopes, s0, cu_seqlens = residuals
     do, dfinal = cotangents
+    blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
+    do = do.astype(q.dtype)
+    dfinal = dfinal.astype(jnp.float32)
+    if blocks.bwd_parallel:
+        return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
+    return _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
+
+
+def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
+    """Backward as fla structures it: two light sequential chains (S_in and G of every chunk), then one
+    kernel over all (chunk, head) pairs that does the matrix work. Chunk states are stored in the input
+    dtype (bf16/fp16 products round them anyway), float32 for float32 inputs."""
     B, T, H, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     G = H // HKV
-    blocks = BlockSizes.get_default(DK, DV, q.dtype)
-    do = do.astype(q.dtype)
-    dfinal = dfinal.astype(jnp.float32)
+    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
+    ieee = q.dtype == jnp.float32
+    state_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+    BK = _pow2(DK)
+    _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
+                                 store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
+                                 state_dtype=state_dtype)
+    BVs = min(blocks.fwd_bv, _pow2(DV))
+    gstates, ds0 = _launch(
+        _kernels()[2], (-(-DV // BVs), N * H), (q, do, slopes, dfinal, cu, coff),
+        (jax.ShapeDtypeStruct((H, nc_total, DK, DV), state_dtype),
+         jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32)),
+        name="lightning_dstate", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
+        T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BVs, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
+        REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=ieee,
+    )
+    if cu_seqlens is None:
+        slot_seq = slot_chunk = jnp.zeros((1,), jnp.int32)
+    else:
+        slot = jnp.arange(nc_total, dtype=jnp.int32)
+        slot_seq = jnp.clip(jnp.searchsorted(coff, slot, side="right") - 1, 0, N - 1).astype(jnp.int32)
+        slot_chunk = (slot - coff[slot_seq]).astype(jnp.int32)
+    BV = min(blocks.par_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    split = NV > 1
+    dq_part, dk_part, dv_h, dslope_part = _launch(
+        _kernels()[3], (NV, nc_total, H),
+        (q, k, v, do, slopes, states, gstates, cu, coff, slot_seq, slot_chunk),
+        # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
+        (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split else q.dtype),
+         jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split or G > 1 else k.dtype),
+         jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32 if G > 1 else v.dtype),
+         jax.ShapeDtypeStruct((NV * nc_total * H,), jnp.float32)),
+        name="lightning_bwd_chunks", num_warps=blocks.par_warps, num_stages=1,
+        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale),
+        NC_TOTAL=nc_total, NV=NV, NTOK=B * T, REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None,
+        IEEE=ieee,
+    )
+    dq = (dq_part.sum(0) if split else dq_part[0]).reshape(B, T, H, DK).astype(q.dtype)
+    dk = (dk_part.sum(0) if split else dk_part[0]).reshape(B, T, HKV, G, DK)
+    dk = (dk.sum(3) if G > 1 else dk[:, :, :, 0]).astype(k.dtype)
+    dv = dv_h.reshape(B, T, HKV, G, DV)
+    dv = (dv.sum(3) if G > 1 else dv[:, :, :, 0]).astype(v.dtype)
+    dslopes = dslope_part.reshape(NV * nc_total, H).sum(0).astype(slopes.dtype)
+    ds0 = None if s0 is None else ds0.astype(s0.dtype)
+    return dq, dk, dv, dslopes, ds0, None
+
+
+def _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
+    """Backward with one program per (sequence, head, Dv block) walking its chunks: the dq pass (the
+    forward kernel on dO, v, k), then the dkdv kernel backwards. Less memory, little parallelism."""
+    B, T, H, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    G = H // HKV
 
     # dq pass: the forward kernel with (q, k, v) := (dO, v, k) and state S^T; it also leaves S_in^T of
     # every chunk behind for the slope gradient.
