@@ -1,0 +1,208 @@
+"""Pallas TPU backend, run on CPU in the TPU interpreter: every feature against the float32 reference.
+
+Outputs, final states and the gradients of q, k, v, initial_state and slopes, through the public API
+(`implementation="pallas"`). Cases are few and small because every interpreted kernel compiles for a
+few seconds; each case combines several features.
+"""
+
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, assert_close, make_inputs, tolerance
+from shardattn.kernels.lightning import pallas_tpu, reference
+
+import shardattn
+
+SCALE = 0.7
+
+
+def run_with_grads(impl, inputs, *, cu_seqlens=None, reverse=False, seed=1, out_dtype=None):
+    """Output, final state and the gradients of a random projection of both, for every input.
+
+    out_dtype: round o to it before the projection, so that its cotangent is rounded the same way.
+    """
+    names = [n for n in ("q", "k", "v", "slopes", "initial_state") if n in inputs]
+
+    def loss(*args):
+        kw = dict(zip(names, args, strict=True))
+        o, s = shardattn.lightning_attention(
+            kw["q"], kw["k"], kw["v"], slopes=kw["slopes"], initial_state=kw.get("initial_state"),
+            scale=SCALE, cu_seqlens=cu_seqlens, reverse=reverse, return_state=True, implementation=impl,
+        )
+        if out_dtype is not None:
+            o = o.astype(out_dtype)
+        ko, ks = jax.random.split(jax.random.PRNGKey(seed))
+        w_o = jax.random.normal(ko, o.shape, jnp.float32)
+        w_s = jax.random.normal(ks, s.shape, jnp.float32)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
+
+    grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))(
+        *(inputs[n] for n in names)
+    )
+    return o, s, dict(zip(names, grads, strict=True))
+
+
+def check_against_reference(inputs, dtype, **kw):
+    o, s, g = run_with_grads("pallas", inputs, **kw)
+    assert o.dtype == inputs["q"].dtype and s.dtype == jnp.float32
+    # The reference sees the same (possibly rounded) inputs, upcast to float32, and its output is rounded
+    # to the dtype of q like the backend's, so both get the same cotangent of o. Without that, the
+    # bfloat16 rounding of that cotangent alone moves d(slopes), a sum full of cancelling terms, by up
+    # to 4e-2 relative (B2-T63-H4/2-D80-bfloat16), whatever the kernel does.
+    ref_inputs = {n: x.astype(jnp.float32) for n, x in inputs.items()}
+    o_ref, s_ref, g_ref = run_with_grads("reference", ref_inputs, out_dtype=inputs["q"].dtype, **kw)
+    errors = {"o": assert_close("o", o, o_ref, tolerance(dtype))}
+    errors["final_state"] = assert_close("final_state", s, s_ref, tolerance(dtype))
+    for n in g:
+        errors["d" + n] = assert_close("d" + n, g[n], g_ref[n], tolerance(dtype, grad=True))
+    print(" ".join(f"{n}={e:.1e}" for n, e in errors.items()))  # pytest -s shows the measured errors
+    return errors
+
+
+# T not a multiple of the chunk (63 -> one chunk of 64, 200 -> chunks of 128), head dims 48/64/80 (lane
+# padding to 128), GQA, Dk != Dv, both dtypes.
+CASES = [
+    Case(B=2, T=63, H=4, Hkv=2, Dk=48),
+    Case(B=1, T=200, H=2, Dk=64),
+    Case(B=1, T=200, H=4, Hkv=2, Dk=32, Dv=80),
+    Case(B=2, T=63, H=4, Hkv=2, Dk=80, dtype=jnp.bfloat16),
+    Case(B=1, T=200, H=4, Hkv=1, Dk=64, Dv=48, dtype=jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_matches_reference(case):
+    check_against_reference(make_inputs(case, with_state=True), case.dtype)
+
+
+@pytest.mark.parametrize(
+    "case,with_state",
+    [(Case(B=2, T=63, H=4, Hkv=2, Dk=32), True), (Case(B=1, T=200, H=2, Dk=48, dtype=jnp.bfloat16), False)],
+    ids=["B2-T63-H4/2-D32-float32-initial-state", "B1-T200-H2-D48-bfloat16-zero-state"],
+)
+def test_reverse(case, with_state):
+    check_against_reference(make_inputs(case, with_state=with_state), case.dtype, reverse=True)
+
+
+VARLEN = {
+    "3seqs": [0, 5, 70, 200],
+    "empty-seqs": [0, 0, 5, 5, 130, 200, 200],  # empty first, middle and last sequences
+}
+
+
+@pytest.mark.parametrize(
+    "offsets,reverse,with_state",
+    [
+        (VARLEN["empty-seqs"], False, True),
+        (VARLEN["empty-seqs"], True, True),
+        (VARLEN["3seqs"], True, False),
+    ],
+    ids=["empty-seqs-fwd-initial-state", "empty-seqs-rev-initial-state", "3seqs-rev-zero-state"],
+)
+def test_varlen(offsets, reverse, with_state):
+    case = Case(B=1, T=200, H=4, Hkv=2, Dk=16, Dv=24)
+    cu = jnp.asarray(offsets, jnp.int32)
+    inputs = make_inputs(case, with_state=with_state, num_states=len(offsets) - 1)
+    check_against_reference(inputs, case.dtype, cu_seqlens=cu, reverse=reverse)
+
+
+@pytest.mark.parametrize("slopes", [[0.0, 0.0, 8.0, 8.0], [0.0, 1e-3, 1.0, 8.0]], ids=["0-and-8", "mixed"])
+def test_decay_extremes(slopes):
+    case = Case(B=1, T=200, H=4, Dk=32)
+    inputs = make_inputs(case, with_state=True)
+    inputs["slopes"] = jnp.asarray(slopes, jnp.float32)
+    check_against_reference(inputs, case.dtype)
+
+
+def test_many_small_chunks():
+    """Chunk 16: the state chain crosses many chunk boundaries, inside and between packed sequences."""
+    case = Case(B=1, T=100, H=4, Hkv=2, Dk=16, Dv=24)
+    x = make_inputs(case, with_state=True, num_states=4)
+    cu = jnp.asarray([0, 5, 5, 71, 100], jnp.int32)
+    args = (x["q"], x["k"], x["v"], x["slopes"], x["initial_state"], cu)
+
+    def loss(backend, *a, **kw):
+        o, s = backend(*a, scale=SCALE, reverse=True, **kw)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * jnp.sin(s)), (o, s)
+
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)
+    g, (o, s) = jax.jit(
+        lambda *a: grad(pallas_tpu.lightning_attention, *a, block_sizes=pallas_tpu.BlockSizes(chunk=16))
+    )(*args)
+    g_ref, (o_ref, s_ref) = jax.jit(lambda *a: grad(reference.lightning_attention,
+                                                    *a))(*args)
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    assert_close("final_state", s, s_ref, tolerance(jnp.float32))
+    for name, a, b in zip(["dq", "dk", "dv", "dslopes", "dinitial_state"], g, g_ref, strict=True):
+        assert_close(name, a, b, tolerance(jnp.float32, grad=True))
+
+
+def test_batch_sharded_shard_map_equals_unsharded():
+    """The kernel per shard inside shard_map(check_vma=True) over 8 fake devices, values and gradients."""
+    case = Case(B=8, T=40, H=2, Dk=16)
+    x = make_inputs(case, with_state=True)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]), ("batch",))
+    P = jax.sharding.PartitionSpec
+
+    def attention(q, k, v, slopes, s0):
+        return pallas_tpu.lightning_attention(q, k, v, slopes, s0, scale=SCALE)
+
+    # Slopes replicated, everything else split over the batch; the backend matches their varying axes.
+    sharded = jax.shard_map(
+        attention, mesh=mesh, in_specs=(P("batch"), P("batch"), P("batch"), P(), P("batch")),
+        out_specs=(P("batch"), P("batch")), check_vma=True,
+    )
+
+    def loss(f, *a):
+        o, s = f(*a)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * jnp.sin(s)), (o, s)
+
+    args = (x["q"], x["k"], x["v"], x["slopes"], x["initial_state"])
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4, 5), has_aux=True)
+    g_sh, out_sh = jax.jit(lambda *a: grad(sharded, *a))(*args)
+    g_un, out_un = jax.jit(lambda *a: grad(attention, *a))(*args)
+    for a, b in zip(jax.tree.leaves((out_sh, g_sh[:3], g_sh[4])), jax.tree.leaves((out_un, g_un[:3], g_un[4])),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # d(slopes) is a sum over the batch: the psum over shards orders it differently.
+    assert_close("dslopes", g_sh[3], g_un[3], 1e-6)
+
+
+def test_lowers_to_mosaic_for_tpu():
+    """Forward and backward lower to Mosaic (tpu_custom_call) for TPU. No TPU compiler runs here, so this
+    checks the Pallas-to-Mosaic lowering of every op, not Mosaic's own layout passes."""
+    x = make_inputs(Case(B=1, T=150, H=4, Hkv=2, Dk=48, Dv=80, dtype=jnp.bfloat16), with_state=True)
+
+    def loss(q, k, v, slopes, s0):
+        o, s = pallas_tpu.lightning_attention(q, k, v, slopes, s0, scale=SCALE)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
+
+    with mock.patch.object(pallas_tpu, "_interpret_mode", lambda: False):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4))).trace(
+            x["q"], x["k"], x["v"], x["slopes"], x["initial_state"]
+        ).lower(lowering_platforms=("tpu",))
+    text = lowered.as_text()
+    assert text.count("tpu_custom_call") == 2, "expected one forward and one backward Mosaic kernel"
+    assert "lightning_fwd_C128_G2" in text and "lightning_bwd_C128_G2" in text
+
+
+def test_gpu_is_refused_and_api_falls_back():
+    x = make_inputs(Case(B=1, T=40, H=2, Dk=16))
+    with mock.patch.object(jax, "default_backend", lambda: "gpu"):
+        with pytest.raises(NotImplementedError, match="use triton on GPU"):
+            pallas_tpu.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=SCALE)
+        served = shardattn.lightning_attention(
+            x["q"], x["k"], x["v"], slopes=x["slopes"], scale=SCALE, implementation=("pallas", "xla")
+        )
+    xla = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], scale=SCALE,
+                                        implementation="xla")
+    np.testing.assert_array_equal(np.asarray(served), np.asarray(xla))
+
+
+@pytest.mark.parametrize("chunk", [0, 24, 100])
+def test_block_sizes_are_checked(chunk):
+    with pytest.raises(ValueError, match="chunk"):
+        pallas_tpu.BlockSizes(chunk=chunk)
