@@ -62,7 +62,6 @@ class _Plan:
     reverse: bool
     implementations: tuple[str, ...]
     packed: bool  # cu_seqlens given
-    has_initial_state: bool
     return_state: bool
 
 
@@ -367,7 +366,6 @@ def sharded_lightning(
         reverse=bool(reverse),
         implementations=implementations,
         packed=packed,
-        has_initial_state=initial_state is not None,
         return_state=bool(return_state),
     )
 
