@@ -96,6 +96,8 @@ def time_jax(impl, w, warmup, rounds, inner):
 SWEEP = {
     "default": {},
     "fwd_w8": {"fwd_warps": 8},
+    "fwd_w4": {"fwd_warps": 4},
+    "par_bv64_w8": {"par_bv": 64, "par_warps": 8},
     "fwd_bv32": {"fwd_bv": 32},
     "stages2": {"num_stages": 2},
     "seg_always": {"seg_below": 10**6},

@@ -65,19 +65,23 @@ class BlockSizes:
     bwd_parallel: bool = True  # chunk-parallel backward (else one sequential dkdv kernel)
     par_bv: int = 64  # Dv block of the chunk-parallel backward kernel
     par_warps: int = 8
+    seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
 
     @staticmethod
     def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
         bk, bv = _pow2(dk), _pow2(dv)
         if jnp.dtype(dtype) == jnp.float32:
             # ieee float32 dots run on FMA units; smaller tiles keep registers in check.
-            return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1, par_bv=32, par_warps=4)
-        # H100 sweep (benchmarks/RESULTS_triton.md): 4 warps and 3 stages beat 8 warps and 2 stages for
-        # the forward walk at Dk = 128.
+            # The chunk-parallel backward's float32 tiles spill (seen on an H100 as launch failures
+            # for want of local memory): float32 keeps the sequential backward.
+            return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1, bwd_parallel=False)
+        # H100 sweep (benchmarks/RESULTS_triton.md): 3 stages beat 2; 8 warps for an unsplit forward walk at
+        # Dk = 128, 4 once sequences are cut into segments; the parallel backward best with all of Dv <= 128
+        # in one program (no partial sums for dq, dk).
         fwd_bv = min(bv, 64 if bk <= 128 else 32)
         bwd_bv = min(bv, 64 if bk <= 64 else 32)
-        return BlockSizes(fwd_bv, 4 if bk <= 128 else 8, bwd_bv, 4 if bk <= 64 else 8, 3,
-                          par_bv=64 if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
+        return BlockSizes(fwd_bv, 4 if bk <= 64 else 8, bwd_bv, 4 if bk <= 64 else 8, 3,
+                          seg_warps=4, par_bv=min(bv, 128) if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
 
 
 def _pow2(d: int) -> int:
@@ -485,7 +489,8 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     dummy = jnp.zeros((1,), jnp.float32)
     st_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV) if store_states else (1,), state_dtype)
     meta = dict(
-        name="lightning_fwd", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
+        name="lightning_fwd", num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_stages=blocks.num_stages,
         T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(scale), NC_TOTAL=nc_total,
         REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P, TSEG=TSEG,
     )
@@ -541,25 +546,35 @@ def _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts):
     return _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)[0]
 
 
+def _state_dtype(dtype):
+    # Chunk states kept for the backward pass: bf16 inputs round them to bf16 in every product anyway;
+    # fp16 could overflow, float32 must stay exact.
+    return jnp.bfloat16 if dtype == jnp.bfloat16 else jnp.float32
+
+
 def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
+    # Only under differentiation: the forward also keeps S_in of every chunk for the chunk-parallel
+    # backward (O(T * D) per head: T / C * Dk * Dv), which then skips its own walk over k and v.
     blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
-    o, final, _ = _forward_pass(q, k, v, slopes, initial_state, cu_seqlens, scale=opts.scale,
-                                reverse=opts.reverse, store_states=False, out_dtype=q.dtype, blocks=blocks)
-    return (o, final), (q, k, v, slopes, initial_state, cu_seqlens)
+    keep = blocks.bwd_parallel
+    o, final, states = _forward_pass(q, k, v, slopes, initial_state, cu_seqlens, scale=opts.scale,
+                                     reverse=opts.reverse, store_states=keep, out_dtype=q.dtype, blocks=blocks,
+                                     state_dtype=_state_dtype(q.dtype))
+    return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
 
 
 def _lightning_bwd(opts, residuals, cotangents):
-    q, k, v, slopes, s0, cu_seqlens = residuals
+    q, k, v, slopes, s0, cu_seqlens, states = residuals
     do, dfinal = cotangents
     blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
     do = do.astype(q.dtype)
     dfinal = dfinal.astype(jnp.float32)
     if blocks.bwd_parallel:
-        return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
+        return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states)
     return _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
 
 
-def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
+def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states):
     """Backward as fla structures it: two light sequential chains (S_in and G of every chunk), then one
     kernel over all (chunk, head) pairs that does the matrix work. Chunk states are stored in the input
     dtype (bf16/fp16 products round them anyway), float32 for float32 inputs."""
@@ -568,11 +583,12 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
     G = H // HKV
     N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
     ieee = q.dtype == jnp.float32
-    state_dtype = jnp.bfloat16 if q.dtype == jnp.bfloat16 else jnp.float32
+    state_dtype = _state_dtype(q.dtype)
     BK = _pow2(DK)
-    _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
-                                 store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
-                                 state_dtype=state_dtype)
+    if states is None:  # not kept by the forward: one walk over k and v alone
+        _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
+                                     store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
+                                     state_dtype=state_dtype)
     BVs = min(blocks.fwd_bv, _pow2(DV))
     gstates, ds0 = _launch(
         _kernels()[2], (-(-DV // BVs), N * H), (q, do, slopes, dfinal, cu, coff),
