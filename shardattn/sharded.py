@@ -62,6 +62,7 @@ class _Plan:
     reverse: bool
     implementations: tuple[str, ...]
     packed: bool  # cu_seqlens given
+    kv_replicated: bool  # k, v replicated over the head axis, each head shard slices its one kv head
     return_state: bool
 
 
@@ -168,6 +169,11 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     # of the [h] slope gradient alone.
     seq_and_batch = ((plan.seq_axis,) if plan.seq_axis else ()) + plan.batch_axes
     slopes = jax.lax.pcast(slopes.astype(jnp.float32), seq_and_batch, to="varying")
+
+    if plan.kv_replicated:  # the one kv head of this shard's query heads: global head j*h // group
+        group = q.shape[2] * jax.lax.axis_size(plan.head_axis) // k.shape[2]
+        kv_head = jax.lax.axis_index(plan.head_axis) * h // group
+        k, v = (jax.lax.dynamic_slice_in_dim(x, kv_head, 1, axis=2) for x in (k, v))
 
     def backend(init, cu):
         return run_backends(
@@ -341,19 +347,29 @@ def sharded_lightning(
     B, T, H, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[3]
     num_batch, num_seq, num_heads = (axis_size(mesh, x) for x in axes)
+    # GQA/MQA with more head shards than kv heads (num_heads_shards % Hkv == 0): every head shard's query
+    # heads share one kv head, so k and v stay replicated over the head axis and each shard slices its
+    # own. Their gradients then sum over the head axis (an all-reduce of dk, dv in the backward pass,
+    # as in Megatron's replicated kv heads). Otherwise Hkv must divide like H.
+    kv_replicated = bool(Hkv % num_heads) and num_heads % Hkv == 0
     for what, size, shards, axis in (
         ("batch", B, num_batch, axes.batch),
         ("seq", T, num_seq, (axes.seq,)),
         ("num_heads (q)", H, num_heads, (axes.heads,)),
-        ("num_kv_heads (k, v)", Hkv, num_heads, (axes.heads,)),
     ):
         if size % shards:
             raise ValueError(
                 f"{what}={size} must be divisible by the size of mesh axis {_entry(axis)!r}, {shards} "
                 "(pass that role's axis argument as () to leave it unsharded)"
             )
+    if Hkv % num_heads and not kv_replicated:
+        raise ValueError(
+            f"num_kv_heads (k, v)={Hkv} must be divisible by the size of mesh axis {axes.heads!r}, "
+            f"{num_heads}, or divide it (then k, v are replicated over it)"
+        )
 
     spec_qkv = P(_entry(axes.batch), axes.seq, axes.heads, None)
+    spec_kv = P(_entry(axes.batch), axes.seq, None, None) if kv_replicated else spec_qkv
     spec_state = P(None if packed else _entry(axes.batch), axes.heads, None, None)
     state_bytes = (B // num_batch) * (H // num_heads) * Dk * Dv * 4
     plan = _Plan(
@@ -365,6 +381,7 @@ def sharded_lightning(
         scale=scale,
         reverse=bool(reverse),
         implementations=implementations,
+        kv_replicated=kv_replicated,
         packed=packed,
         return_state=bool(return_state),
     )
@@ -375,8 +392,8 @@ def sharded_lightning(
     def place(x, spec):
         return place_on(x, NamedSharding(mesh, spec))
 
-    args = [place(q, spec_qkv), place(k, spec_qkv), place(v, spec_qkv), place(slopes, P(axes.heads))]
-    in_specs = [spec_qkv, spec_qkv, spec_qkv, P(axes.heads)]
+    args = [place(q, spec_qkv), place(k, spec_kv), place(v, spec_kv), place(slopes, P(axes.heads))]
+    in_specs = [spec_qkv, spec_kv, spec_kv, P(axes.heads)]
     # Optional arguments are bound as None (no shard_map input) so that the per-device code sees None.
     optional = []
     for x, spec in ((initial_state, spec_state), (cu_seqlens, P())):

@@ -150,6 +150,17 @@ def test_batch_and_head_sharding_is_exact(shape):
         assert_close("d" + n, g[n], g_1[n], 1e-6)
 
 
+@pytest.mark.parametrize(
+    "shape,case",
+    [((1, 2, 4), Case(B=1, T=64, H=4, Hkv=2, Dk=16)), ((2, 1, 4), Case(B=2, T=64, H=4, Hkv=1, Dk=16))],
+    ids=lambda x: mesh_id(x) if isinstance(x, tuple) else x.id,
+)
+def test_fewer_kv_heads_than_head_shards(shape, case):
+    """GQA/MQA with Hkv < head shards: k, v replicated over the head axis, each shard slices its kv head."""
+    mesh = make_mesh(data=shape[0], seq=shape[1], heads=shape[2])
+    check(case, mesh, scan="tree", report=f"{mesh_id(shape)} {case.id}")
+
+
 # Packed sequences crossing shard boundaries (4 shards of 16 tokens at T = 64): "many" has several
 # starts in shard 0 and 2, an empty sequence, one spanning shards 1-2, and one spanning two whole shards
 # plus pieces; "edges" has starts exactly on shard boundaries and empty sequences at both ends.
@@ -336,8 +347,9 @@ def _bad_calls():
          (q[:, :7], kv[:, :7], kv[:, :7]), ok),
         ("heads-divisible", ValueError, r"num_heads \(q\)=3 must be divisible .* 'heads', 2",
          (jnp.zeros((2, 8, 3, 16)), kv[:, :, :1], kv[:, :, :1]), dict(ok, slopes=jnp.ones(3))),
-        ("kv-heads-divisible", ValueError, r"num_kv_heads \(k, v\)=1 must be divisible .* 'heads', 2",
-         (q, kv[:, :, :1], kv[:, :, :1]), ok),
+        ("kv-heads-divisible", ValueError, r"num_kv_heads \(k, v\)=3 must be .* 'heads', 2, or divide",
+         (jnp.zeros((2, 8, 6, 16)), jnp.zeros((2, 8, 3, 16)), jnp.zeros((2, 8, 3, 16))),
+         dict(ok, slopes=jnp.ones(6))),
         ("batch-divisible", ValueError, r"batch=1 must be divisible .* 'data', 2",
          (q[:1], kv[:1], kv[:1]), ok),
         ("scan-name", ValueError, "scan='linear'", (q, kv, kv), dict(ok, scan="linear")),
