@@ -222,6 +222,13 @@ def test_gpu_is_refused_and_api_falls_back():
     np.testing.assert_array_equal(np.asarray(served), np.asarray(xla))
 
 
+def test_too_much_vmem_is_refused():
+    """16 query heads per kv head with 512 x 512 float32 states need ~90 MiB of VMEM: refused up front."""
+    x = make_inputs(Case(B=1, T=16, H=16, Hkv=1, Dk=512))
+    with pytest.raises(NotImplementedError, match="VMEM"):
+        pallas_tpu.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=SCALE)
+
+
 @pytest.mark.parametrize("chunk", [0, 24, 100])
 def test_block_sizes_are_checked(chunk):
     with pytest.raises(ValueError, match="chunk"):

@@ -36,6 +36,7 @@ from jax.experimental.pallas import tpu as pltpu
 LANES = 128  # TPU vreg lane width: the last dim of every VMEM block is padded to a multiple of it
 SUBLANE_ROWS = 16  # rows per packed bf16 vreg tile (8 for float32): chunk sizes are multiples of 16
 NT_DIMS = (((1,), (1,)), ((), ()))  # dot_general numbers for a @ b.T (native on the MXU)
+VMEM_BUDGET = 48 * 2**20  # per kernel; v7x has 64 MiB of VMEM per core, v5e/v6e 128 MiB
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,11 +65,33 @@ class _Options:
     chunk: int
     group: int  # query heads per key/value head
     varlen: bool  # states are indexed per packed sequence (cu_seqlens)
+    vmem_limit_bytes: int
     interpret: object  # False (compile with Mosaic) or pltpu.InterpretParams() (CPU)
 
 
 def _round_up(x, m):
     return -(-x // m) * m
+
+
+def _vmem_bytes(group, chunk, dk, dv, itemsize):
+    """Upper estimate of the VMEM one grid step holds (the backward pass, the larger of the two).
+
+    Per kv head the G query heads keep float32 [Dk, Dv] states resident: the dS scratch and the
+    double-buffered d(final) input and d(initial) output blocks, plus the saved state; then the
+    double-buffered [C, D] blocks (f32 for dk, dv) and a few [C, C] float32 temporaries.
+    """
+    state = 4 * dk * dv
+    blocks = 2 * chunk * (2 * dk * itemsize + 2 * dv * itemsize + 4 * (2 * dk + dv))
+    return 5 * group * state + 2 * state + blocks + 8 * chunk * chunk * 4
+
+
+def _compiler_params(options):
+    # Batch and kv heads are independent (megacore may split them); the chunk axis carries the state
+    # and the query-head axis accumulates dk/dv, so both run in order.
+    return pltpu.CompilerParams(
+        dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
+        vmem_limit_bytes=options.vmem_limit_bytes,
+    )
 
 
 def _dot(a, b, dims=None):
@@ -212,13 +235,10 @@ def _fwd_call(options, q, k, v, slopes, s0, tables, *, save_states):
             scratch_shapes=[pltpu.VMEM((G, Dk, Dv), jnp.float32)],
         ),
         out_shape=out_shape,
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
-        ),
+        compiler_params=_compiler_params(options),
         interpret=options.interpret,
         name=f"lightning_fwd_C{C}_G{G}" + ("_varlen" if options.varlen else ""),
     )(*tables, slopes, q, k, v, s0)
-    del N
     return outs
 
 
@@ -355,9 +375,7 @@ def _bwd_call(options, q, k, v, slopes, states, do, dfinal, tables):
             jax.ShapeDtypeStruct((N, H, Dk, Dv), jnp.float32, manual_axis_type=mat),
             jax.ShapeDtypeStruct((B, Hkv, G8, LANES), jnp.float32, manual_axis_type=mat),
         ],
-        compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
-        ),
+        compiler_params=_compiler_params(options),
         interpret=options.interpret,
         name=f"lightning_bwd_C{C}_G{G}" + ("_varlen" if options.varlen else ""),
     )(*tables, slopes, q, k, v, states, do, dfinal)
@@ -510,13 +528,22 @@ def lightning_attention(
         x = jnp.pad(x, [(0, 0), (0, pad_t), (0, 0), (0, d_pad - x.shape[-1])])
         return jnp.transpose(x, (0, 2, 1, 3))
 
+    vmem = _vmem_bytes(G, C, Dkp, Dvp, jnp.dtype(dt).itemsize)
+    if vmem > VMEM_BUDGET:
+        raise NotImplementedError(
+            f"pallas lightning kernel would need ~{vmem / 2**20:.0f} MiB of VMEM, more than "
+            f"{VMEM_BUDGET / 2**20:.0f} MiB (query heads per kv head={G}, head dims {Dk}x{Dv} padded to "
+            f"{Dkp}x{Dvp}, chunk={C})"
+        )
     q_k, k_k, v_k = to_kernel(q, Dkp), to_kernel(k, Dkp), to_kernel(v, Dvp)
     s0_k = jnp.pad(s0, [(0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)])
     slopes_k = slopes.astype(jnp.float32)
     s0_k, slopes_k = _match_varying(s0_k, q_k), _match_varying(slopes_k, q_k)
     tables = tuple(_match_varying(t, q_k) for t in tables)
+    # Mosaic's default scoped VMEM limit is 16 MiB on v5e: ask for what the blocks need, with headroom.
+    vmem_limit = int(min(max(2 * vmem, 32 * 2**20), 64 * 2**20))
     options = _Options(scale=float(scale), chunk=C, group=G, varlen=cu_seqlens is not None,
-                       interpret=interpret)
+                       vmem_limit_bytes=vmem_limit, interpret=interpret)
     o, final = _lightning(options, q_k, k_k, v_k, slopes_k, s0_k, tables)
 
     o = jnp.transpose(o[..., :Dv], (0, 2, 1, 3))  # [B, T', H, Dv]
