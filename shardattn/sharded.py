@@ -319,7 +319,8 @@ def sharded_lightning(
 
     Axes: `batch_axis` (a name or a tuple of names), `seq_axis`, `head_axis`; None takes "data", "seq",
     "heads" when the mesh has that axis (the batch stays unsharded with cu_seqlens, which needs batch 1),
-    `()` leaves the role unsharded. T, B, H and Hkv must be divisible by their axis sizes.
+    `()` leaves the role unsharded. T, B and H must be divisible by their axis sizes; Hkv too, or it
+    must divide the head-axis size (then k and v are replicated over that axis).
     `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
 
     >>> mesh = shardattn.meshes.make_mesh(data=2, seq=4)

@@ -113,6 +113,32 @@ def test_reverse(scan):
     check(CASE, make_mesh(data=2, seq=4), scan=scan, reverse=True, report=f"reverse 2x4x1 {scan}")
 
 
+def test_three_shards():
+    # P = 3 is not a power of two (the tree's last round is partial) and 14 tokens per shard are not a
+    # multiple of the XLA backend's chunk; also packed sequences in reverse on it.
+    mesh = make_mesh(seq=3, devices=jax.devices()[:3])
+    check(Case(B=1, T=42, H=2, Dk=16), mesh, scan="tree", report="P=3 tree")
+    check(Case(B=1, T=42, H=2, Dk=16), mesh, scan="ring", cu=(0, 5, 17, 40, 42), reverse=True,
+          report="P=3 varlen reverse ring")  # fmt: skip
+
+
+def test_pallas_backend_inside_shard_map():
+    """The Pallas kernels (TPU interpreter on CPU) under shard_map with check_vma=True."""
+    case = Case(B=1, T=32, H=2, Dk=16)
+    x = make_inputs(case)
+    try:
+        shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], implementation="pallas")
+    except NotImplementedError as err:
+        pytest.skip(f"pallas backend unavailable here: {err}")
+    mesh = make_mesh(seq=2, devices=jax.devices()[:2])
+    o, s, g = run_with_grads(sharded_lightning, x, mesh=mesh, implementation="pallas")
+    o_ref, s_ref, g_ref = expected(case, 0, False, None, False, None)
+    assert_close("o", o, o_ref, tolerance(case.dtype))
+    assert_close("final_state", s, s_ref, tolerance(case.dtype))
+    for n in g:
+        assert_close("d" + n, g[n], g_ref[n], tolerance(case.dtype, grad=True))
+
+
 def test_one_dimensional_mesh_and_custom_names():
     # A mesh with only a sequence axis, under another name, and an unused extra axis on a second mesh.
     devices = np.array(jax.devices())
