@@ -120,6 +120,24 @@ def test_decay_extremes():
     check_against_reference(inputs, case.dtype)
 
 
+def test_forward_only_matches_reference():
+    """Without jax.grad the primal kernel runs (it saves no chunk states); packed, reversed, GQA, bf16."""
+    case = Case(B=1, T=200, H=4, Hkv=2, Dk=48, Dv=32, dtype=jnp.bfloat16)
+    cu = jnp.asarray(VARLEN["empty-seqs"], jnp.int32)
+    x = make_inputs(case, with_state=True, num_states=len(VARLEN["empty-seqs"]) - 1)
+    kw = dict(slopes=x["slopes"], initial_state=x["initial_state"], cu_seqlens=cu, reverse=True,
+              scale=SCALE, return_state=True)
+    o, s = jax.jit(lambda q, k, v: shardattn.lightning_attention(q, k, v, implementation="pallas", **kw))(
+        x["q"], x["k"], x["v"]
+    )
+    o_ref, s_ref = shardattn.lightning_attention(
+        *(x[n].astype(jnp.float32) for n in "qkv"), implementation="reference", **kw
+    )
+    assert o.dtype == jnp.bfloat16
+    assert_close("o", o, o_ref, tolerance(case.dtype))
+    assert_close("final_state", s, s_ref, tolerance(case.dtype))
+
+
 def test_many_small_chunks():
     """Chunk 16: the state chain crosses many chunk boundaries, inside and between packed sequences."""
     case = Case(B=1, T=100, H=4, Hkv=2, Dk=16, Dv=24)
