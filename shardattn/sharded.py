@@ -85,6 +85,10 @@ def _precision(dtype):
 # local state s: [b, h, Dk, Dv], `step` = this shard's position in processing order (traced), and returns
 # S_in, the state entering this shard. `phys(i)` maps processing position i to the index along the mesh
 # axis (reversed for reverse=True), so the scans only ever shift "forward".
+# `a_pow`: without packed sequences every shard has the same transition A = lam^n, so the decay of any
+# run of c shards is A^c = a_pow(c), known locally; then only states travel (one collective per round
+# instead of two). With packed sequences a is 0 at shards holding a start, a_pow is None, and the
+# decays travel with the states.
 
 
 def _combine(first, second):
@@ -93,7 +97,7 @@ def _combine(first, second):
     return a1 * a2, a2[..., None, None] * s1 + s2
 
 
-def _scan_ring(a, s, *, axis, num, step, phys):
+def _scan_ring(a, s, *, axis, num, step, phys, a_pow):
     # After round t, shards 0..t hold their exact S_in (shard 0 receives nothing, i.e. zeros = S_in(0):
     # the initial state entered through shard 0's backend call instead). P-1 dependent rounds; a Python
     # loop so that XLA sees every round (P is small).
@@ -108,7 +112,7 @@ def _select(cond, new, old):
     return jax.tree.map(lambda n, o: jnp.where(cond, n, o), new, old)
 
 
-def _scan_tree(a, s, *, axis, num, step, phys):
+def _scan_tree(a, s, *, axis, num, step, phys, a_pow):
     # Hillis-Steele over shards. After the round with shift d, `inc` covers shards (step-2d, step] and
     # `exc` covers (step-2d, step): each round ships only `inc` (from step-d), and both absorb it. After
     # ceil(log2 P) rounds exc covers [0, step), the exclusive prefix, with no final shift round.
@@ -117,7 +121,11 @@ def _scan_tree(a, s, *, axis, num, step, phys):
     d = 1
     while d < num:
         perm = [(phys(i), phys(i + d)) for i in range(num - d)]
-        received = jax.lax.ppermute(inc, axis, perm)
+        if a_pow is None:
+            received = jax.lax.ppermute(inc, axis, perm)
+        else:  # the sender, step - d, has covered min(d, step - d + 1) shards (clipped: masked below)
+            covered = jnp.clip(jnp.minimum(d, step - d + 1), 0, None)
+            received = (a_pow(covered), jax.lax.ppermute(inc[1], axis, perm))
         # Shards with step < d receive zeros, which are not the identity (1, 0): mask them out.
         has = step >= d
         exc = _select(has, _combine(received, exc), exc)
@@ -126,18 +134,20 @@ def _scan_tree(a, s, *, axis, num, step, phys):
     return exc[1]
 
 
-def _scan_allgather(a, s, *, axis, num, step, phys):
-    # One all_gather of every shard's (a, S), then S_in(step) = sum_{j<step} (prod_{j<m<step} a_m) S_j.
-    # The product runs over a [P, P] mask (no division by a, which is 0 at sequence starts).
-    all_a = jax.lax.all_gather(a, axis)  # [P, 1, h], mesh order
-    all_s = jax.lax.all_gather(s, axis)  # [P, b, h, Dk, Dv]
-    if phys(0) != 0:  # reverse: put the gathered states in processing order (a local flip of P states)
-        all_a, all_s = jnp.flip(all_a, 0), jnp.flip(all_s, 0)
-    j = jnp.arange(num)[:, None]
-    m = jnp.arange(num)[None, :]
-    between = (m > j) & (m < step)  # [P (source j), P (factor m)]
-    weight = jnp.prod(jnp.where(between[:, :, None, None], all_a[None], 1.0), axis=1)  # [P, 1, h]
-    weight = jnp.where(jnp.arange(num)[:, None, None] < step, weight, 0.0)
+def _scan_allgather(a, s, *, axis, num, step, phys, a_pow):
+    # One all_gather of every shard's S (and a), then S_in(step) = sum_{j<step} (prod_{j<m<step} a_m) S_j.
+    all_s = jax.lax.all_gather(s, axis)  # [P, b, h, Dk, Dv], mesh order
+    reverse = phys(0) != 0  # then put the gathered values in processing order (a local flip)
+    all_s = jnp.flip(all_s, 0) if reverse else all_s
+    j = jnp.arange(num)
+    if a_pow is not None:  # prod_{j<m<step} a_m = A^(step-1-j); exponent clipped, masked below
+        weight = a_pow(jnp.maximum(step - 1 - j, 0))  # [P, 1, h]
+    else:  # the product over a [P, P] mask (no division by a, which is 0 at sequence starts)
+        all_a = jax.lax.all_gather(a, axis)  # [P, 1, h]
+        all_a = jnp.flip(all_a, 0) if reverse else all_a
+        between = (j[None, :] > j[:, None]) & (j[None, :] < step)  # [P (source j), P (factor m)]
+        weight = jnp.prod(jnp.where(between[:, :, None, None], all_a[None], 1.0), axis=1)  # [P, 1, h]
+    weight = jnp.where(j[:, None, None] < step, weight, 0.0)
     return jnp.sum(weight[..., None, None] * all_s, axis=0)
 
 
@@ -202,14 +212,19 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
         o_loc, s_loc = backend(init, None)
         a = lam_n
         first_start = n  # no sequence starts inside a shard: S_in reaches every token
+
+        def a_pow(c):  # A^c for c whole shards: [*c.shape, 1, h]
+            return jnp.exp(-(slopes * n) * jnp.asarray(c, jnp.float32)[..., None, None])
+
     else:
         o_loc, fin_loc, a, s_loc, first_start, finish = _packed_local(
             plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n
         )
+        a_pow = None
 
     # Work order: the local state above, then the scan, then the correction; the scan depends only on
     # the backend's final state (k and v), so an XLA backend can overlap it with its intra-chunk work.
-    s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys)
+    s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=a_pow)
 
     # o_i += scale * lam^(i+1) q_i S_in, only for tokens before the shard's first sequence start.
     reach = jnp.where(
