@@ -209,9 +209,35 @@ def test_batch_sharded_shard_map_equals_unsharded():
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
 
 
+def test_vmap_over_batch_equals_batched_call():
+    case = Case(B=3, T=40, H=2, Dk=16)
+    x = make_inputs(case, with_state=True)
+
+    def one(q, k, v, s0):  # a single batch row
+        o, s = shardattn.lightning_attention(q[None], k[None], v[None], slopes=x["slopes"],
+                                             initial_state=s0[None], return_state=True,
+                                             implementation="pallas")
+        return o[0], s[0]
+
+    def loss(f, q, k, v, s0):
+        o, s = f(q, k, v, s0)
+        return jnp.sum(o * jnp.cos(o)) + jnp.sum(s * jnp.sin(s))
+
+    def batched(q, k, v, s0):
+        return shardattn.lightning_attention(q, k, v, slopes=x["slopes"], initial_state=s0, return_state=True,
+                                             implementation="pallas")
+
+    args = (x["q"], x["k"], x["v"], x["initial_state"])
+    grad = jax.grad(loss, argnums=(1, 2, 3, 4))
+    mapped = jax.jit(lambda *a: (jax.vmap(one)(*a), grad(jax.vmap(one), *a)))(*args)
+    whole = jax.jit(lambda *a: (batched(*a), grad(batched, *a)))(*args)
+    for a, b in zip(jax.tree.leaves(mapped), jax.tree.leaves(whole), strict=True):
+        assert_close("vmap", a, b, 1e-6)
+
+
 def test_lowers_to_mosaic_for_tpu():
-    """Forward and backward lower to Mosaic (tpu_custom_call) for TPU. No TPU compiler runs here, so this
-    checks the Pallas-to-Mosaic lowering of every op, not Mosaic's own layout passes."""
+    """Forward and backward lower to Mosaic (tpu_custom_call) for TPU, also under vmap. No TPU compiler
+    runs here, so this checks the Pallas-to-Mosaic lowering of every op, not Mosaic's own passes."""
     x = make_inputs(Case(B=1, T=150, H=4, Hkv=2, Dk=48, Dv=80, dtype=jnp.bfloat16), with_state=True)
 
     def loss(q, k, v, slopes, s0):
@@ -225,6 +251,16 @@ def test_lowers_to_mosaic_for_tpu():
     text = lowered.as_text()
     assert text.count("tpu_custom_call") == 2, "expected one forward and one backward Mosaic kernel"
     assert "lightning_fwd_C128_G2" in text and "lightning_bwd_C128_G2" in text
+
+    def one_row(q, k, v):
+        return pallas_tpu.lightning_attention(q[None], k[None], v[None], x["slopes"], scale=SCALE)[0][0]
+
+    with mock.patch.object(pallas_tpu, "_interpret_mode", lambda: False):
+        lowered = jax.jit(jax.grad(lambda *a: jnp.sum(jax.vmap(one_row)(*a).astype(jnp.float32) ** 2),
+                                   argnums=(0, 1, 2))).trace(
+            x["q"][0][None].repeat(2, 0), x["k"][0][None].repeat(2, 0), x["v"][0][None].repeat(2, 0)
+        ).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 2
 
 
 def test_gpu_is_refused_and_api_falls_back():

@@ -89,10 +89,13 @@ def _vmem_bytes(group, chunk, dk, dv, itemsize):
 def _compiler_params(options):
     # Batch and kv heads are independent (megacore may split them); the chunk axis carries the state
     # and the query-head axis accumulates dk/dv, so both run in order.
-    return pltpu.CompilerParams(
-        dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary"),
-        vmem_limit_bytes=options.vmem_limit_bytes,
-    )
+    semantics = ("parallel", "parallel", "arbitrary", "arbitrary")
+    if options.interpret:
+        # Under jax.vmap, pallas_call prepends grid axes; Mosaic's lowering then extends the semantics,
+        # but jax 0.10.2's TPU interpreter zips them with the grid and fails. The interpreter walks
+        # every axis in order anyway, so leaving the semantics unset there changes nothing else.
+        semantics = None
+    return pltpu.CompilerParams(dimension_semantics=semantics, vmem_limit_bytes=options.vmem_limit_bytes)
 
 
 def _dot(a, b, dims=None):
