@@ -66,12 +66,13 @@ def check_against_reference(inputs, dtype, **kw):
 
 
 # T not a multiple of the chunk (63 -> one chunk of 64, 200 -> two chunks of 128), head dims 32 to 80
-# (lane padding to 128), GQA 4/2 and 4/1, Dk != Dv, both dtypes.
+# (lane padding to 128), GQA 4/2 and 4/1, Dk != Dv, bfloat16 and float32 (and float16).
 CASES = [
     Case(B=2, T=63, H=4, Hkv=2, Dk=48),
     Case(B=1, T=200, H=4, Hkv=2, Dk=32, Dv=80),
     Case(B=2, T=63, H=4, Hkv=2, Dk=80, dtype=jnp.bfloat16),
     Case(B=1, T=200, H=4, Hkv=1, Dk=64, Dv=48, dtype=jnp.bfloat16),
+    Case(B=1, T=63, H=2, Dk=32, dtype=jnp.float16),  # computed in float32
 ]
 
 

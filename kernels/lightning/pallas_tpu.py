@@ -497,8 +497,11 @@ def lightning_attention(
     B, T, H, Dk = q.shape
     Hkv, Dv = k.shape[2], v.shape[-1]
     G = H // Hkv
-    dt = q.dtype
-    k, v = k.astype(dt), v.astype(dt)
+    out_dtype = q.dtype
+    # The MXU takes bfloat16 and float32. float16 (and anything else) computes in float32: its range
+    # could not hold the state split of _dot_state, and TPUs have no float16 matmul path.
+    dt = q.dtype if q.dtype in (jnp.bfloat16, jnp.float32) else jnp.float32
+    q, k, v = q.astype(dt), k.astype(dt), v.astype(dt)
     block_sizes = block_sizes or BlockSizes.get_default()
     # A sequence shorter than one chunk gets a smaller chunk (a multiple of 16 rows), not padding.
     C = min(block_sizes.chunk, _round_up(T, SUBLANE_ROWS))
@@ -564,4 +567,4 @@ def lightning_attention(
         # An empty sequence owns no chunk: its final state is its initial state.
         seq_len = cu_seqlens[1:] - cu_seqlens[:-1]
         final = jnp.where((seq_len > 0)[:, None, None, None], final, s0)
-    return o, final
+    return o.astype(out_dtype), final
