@@ -87,6 +87,22 @@ def check(case, mesh, *, seed=0, with_state=True, reverse=False, cu=None, report
     return o, s, g
 
 
+def check_forward(case, mesh, *, report="", **kw):
+    """Like check, output and final state only (a forward program compiles in a third of the time)."""
+    x = make_inputs(case, 0, with_state=True)
+    o, s = jax.jit(
+        lambda q, k, v, slopes, s0: sharded_lightning(
+            q, k, v, mesh=mesh, slopes=slopes, initial_state=s0, scale=SCALE, return_state=True,
+            implementation=IMPL, **kw,
+        )
+    )(x["q"], x["k"], x["v"], x["slopes"], x["initial_state"])  # fmt: skip
+    o_ref, s_ref, _ = expected(case, 0, True, None, False, None)
+    errors = {"o": assert_close("o", o, o_ref, tolerance(case.dtype))}
+    errors["state"] = assert_close("final_state", s, s_ref, tolerance(case.dtype))
+    print(f"\n{report}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()), end="")
+    return o, s
+
+
 CASE = Case(B=2, T=64, H=4, Hkv=2, Dk=16, Dv=32)
 
 
@@ -145,16 +161,16 @@ def test_one_dimensional_mesh_and_custom_names():
     seq_only = Mesh(devices, ("sp",))
     check(CASE, seq_only, seq_axis="sp", scan="tree", report="1-D sp=8 tree")
     custom = Mesh(devices.reshape(2, 2, 2), ("dp", "sp", "tp"))
-    check(CASE, custom, batch_axis="dp", seq_axis="sp", head_axis="tp", scan="ring",
-          report="dp2 x sp2 x tp2 ring")  # fmt: skip
+    check_forward(CASE, custom, batch_axis="dp", seq_axis="sp", head_axis="tp", scan="ring",
+                  report="dp2 x sp2 x tp2 ring")  # fmt: skip
     unused = Mesh(devices.reshape(4, 2), ("seq", "model"))  # "model" plays no role: replicated over it
-    check(CASE, unused, scan="allgather", report="seq4 x model2 allgather")
+    check_forward(CASE, unused, scan="allgather", report="seq4 x model2 allgather")
 
 
 def test_batch_over_two_axes():
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("pod", "data", "seq"))
-    o, s, _ = check(Case(B=4, T=64, H=2, Dk=16), mesh, batch_axis=("pod", "data"), scan="ring",
-                    report="batch over (pod, data), seq 2")  # fmt: skip
+    o, s = check_forward(Case(B=4, T=64, H=2, Dk=16), mesh, batch_axis=("pod", "data"), scan="ring",
+                         report="batch over (pod, data), seq 2")  # fmt: skip
     assert o.sharding.spec[0] == ("pod", "data")
 
 
@@ -412,5 +428,4 @@ def test_auto_scan_choice():
     assert choose_scan("auto", 64, 2**20) == "tree"
     assert choose_scan("auto", 8, 2**30) == "tree"  # gathered states would not fit comfortably
     assert choose_scan("ring", 64, 2**20) == "ring"
-    # And "auto" runs end to end (here: allgather, P = 4).
-    check(CASE, make_mesh(data=2, seq=4), scan="auto", report="2x4x1 auto")
+    # scan="auto" runs end to end in test_explicit_and_auto_meshes and examples/quickstart.py.
