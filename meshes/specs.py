@@ -13,6 +13,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+try:  # jax.core.Tracer is the public name today; newer releases may keep only the private one
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
+
 AXIS_NAMES = ("data", "seq", "heads")  # conventional names of the batch, sequence and head roles
 
 
@@ -130,7 +135,7 @@ def place(x, sharding: NamedSharding):
     Under jit, device_put constrains only Explicit mesh axes (it is jax.sharding.reshard there); with
     Auto axes it leaves the sharding to propagation, so those get with_sharding_constraint instead.
     """
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, _Tracer):
         auto = jax.sharding.AxisType.Auto
         types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
         named = [
