@@ -2,6 +2,10 @@
 
 import os
 
+# On 2-core machines (ours and CI's) the CPU client's thread pool is too small for 8 fake devices that
+# wait on each other (collectives, the Pallas TPU interpreter's barrier): runs were seen to deadlock.
+# PJRT_NPROC sizes that pool; it is read when JAX starts its CPU backend, so it must be set here.
+os.environ.setdefault("PJRT_NPROC", "16")
 os.environ["XLA_FLAGS"] = " ".join(
     [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     + ["--xla_force_host_platform_device_count=8"]
