@@ -67,12 +67,16 @@ def programs(mesh, scan, impl):
             mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False,
         )(q, k, v)
 
+    def bare(q, k, v):  # the kernel on one device, no shard_map: the overhead baseline at P = 1
+        return lightning_attention(q, k, v, **kw)
+
     def with_grad(f):
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
 
     return {
         "fwd": jax.jit(sharded), "fwdbwd": with_grad(sharded),
         "local_fwd": jax.jit(local_only), "local_fwdbwd": with_grad(local_only),
+        "bare_fwd": jax.jit(bare), "bare_fwdbwd": with_grad(bare),
     }
 
 
@@ -82,9 +86,12 @@ def measure(P_, T, scan, args):
     fns = programs(mesh, scan, args.impl)
     row = {"devices": P_, "T": T, "tokens_per_device": T // P_, "scan": scan}
     for name, fn in fns.items():
-        if name.startswith("local") and P_ == 1:
+        if (name.startswith("local") and P_ == 1) or (name.startswith("bare") and P_ > 1):
             continue
         row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
+    if P_ == 1:  # what wrapping one device in sharded_lightning costs
+        row["overhead_fwd"] = row["fwd_ms"] / row["bare_fwd_ms"] - 1
+        row["overhead_fwdbwd"] = row["fwdbwd_ms"] / row["bare_fwdbwd_ms"] - 1
     if P_ > 1:
         row["exposed_scan_fwd_ms"] = row["fwd_ms"] - row["local_fwd_ms"]
         row["exposed_scan_fwdbwd_ms"] = row["fwdbwd_ms"] - row["local_fwdbwd_ms"]
@@ -174,6 +181,10 @@ def main():
         print(f"{r['kind']:6} {r['devices']:>2} {r['T']:>9} {r['scan']:9} {r['fwd_ms']:9.3f} {r['fwdbwd_ms']:9.3f} "
               f"{r.get(key + '_fwd', float('nan')):8.3f} {r.get(key + '_fwdbwd', float('nan')):9.3f} "
               f"{r.get('exposed_scan_fwdbwd_ms', float('nan')):11.3f}")
+    for r in rows:
+        if "overhead_fwd" in r:
+            print(f"sharded_lightning on 1 device vs bare kernel, T={r['T']}: fwd {r['overhead_fwd']:+.1%}, "
+                  f"fwd+bwd {r['overhead_fwdbwd']:+.1%}")
     for r in longest:
         if r:
             print(f"longest fwd+bwd on {r['devices']} device(s), scan={r['scan']}: T={r['T']} ({r['fwdbwd_ms']:.1f} ms)")
