@@ -543,7 +543,11 @@ def _check_supported(q, k, v):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts):
-    return _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)[0]
+    # Without differentiation nothing is kept for a backward pass: no chunk states are written.
+    blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
+    o, final, _ = _forward_pass(q, k, v, slopes, initial_state, cu_seqlens, scale=opts.scale,
+                                reverse=opts.reverse, store_states=False, out_dtype=q.dtype, blocks=blocks)
+    return o, final
 
 
 def _state_dtype(dtype):
