@@ -126,7 +126,8 @@ def sweep(names, variants, warmup, rounds, inner):
                 try:
                     r = time_jax("triton", WORKLOADS[name], warmup, rounds, inner)
                 except Exception as err:
-                    r = {"fwd_ms": None, "fwd_bwd_ms": None, "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                    error = f"{type(err).__name__}: {str(err)[:300]}"
+                    r = {"fwd_ms": None, "fwd_bwd_ms": None, "error": error}
                 rows.append(dict(workload=name, variant=variant, **r))
                 print(f"sweep {name:18s} {variant:14s} fwd {r['fwd_ms'] or float('nan'):8.3f} ms  "
                       f"fwd+bwd {r['fwd_bwd_ms'] or float('nan'):8.3f} ms {r.get('error', '')}", flush=True)
@@ -178,16 +179,16 @@ def fla_worker(names, warmup, reps):
         v = torch.randn(shape, device="cuda", dtype=dt, generator=g).requires_grad_()
         do = torch.randn(shape, device="cuda", dtype=dt, generator=g)
 
-        def fwd():
+        def fwd(q=q, k=k, v=v):
             with torch.no_grad():
                 return chunk_lightning_attn(q, k, v, LAYER_IDX, NUM_LAYERS)
 
-        def fwd_bwd():
+        def fwd_bwd(q=q, k=k, v=v, do=do):
             o, _ = chunk_lightning_attn(q, k, v, LAYER_IDX, NUM_LAYERS)
             torch.autograd.grad(o, (q, k, v), do)
 
         out[name] = {"fwd_ms": bench(fwd), "fwd_bwd_ms": bench(fwd_bwd)}
-        del q, k, v, do
+        del q, k, v, do, fwd, fwd_bwd
         torch.cuda.empty_cache()
     out["_versions"] = {"torch": torch.__version__, "fla": _version("fla-core")}
     print("FLA_JSON " + json.dumps(out), flush=True)
@@ -270,8 +271,8 @@ def main(argv=None):
                                  / (bw * 1e9) * 1e3, **fla[name]))
 
     print(f"\n{device.device_kind}, copy bandwidth {bw:.0f} GB/s")
-    header = f"{'workload':18s} {'impl':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'floor ms':>8s} {'fwd/floor':>9s}"
-    print(header)
+    print(f"{'workload':18s} {'impl':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'floor ms':>8s} "
+          f"{'fwd/floor':>9s}")
     for r in rows:
         f, fb = r["fwd_ms"], r["fwd_bwd_ms"]
         ratio = f / r["floor_fwd_ms"] if f else float("nan")
@@ -294,7 +295,8 @@ def main(argv=None):
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "jaxlib": _version("jaxlib"), "jax-triton": _version("jax-triton"),
                          "triton": _version("triton"), **((fla or {}).get("_versions", {}))},
-            "timing": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner, "fla_reps": args.reps},
+            "timing": {"warmup": args.warmup, "rounds": args.rounds, "inner": args.inner,
+                       "fla_reps": args.reps},
             "workloads": {n: WORKLOADS[n].__dict__ for n in names},
             "rows": rows,
             "sweep": sweep_rows,

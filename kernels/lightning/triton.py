@@ -81,7 +81,8 @@ class BlockSizes:
         fwd_bv = min(bv, 64 if bk <= 128 else 32)
         bwd_bv = min(bv, 64 if bk <= 64 else 32)
         return BlockSizes(fwd_bv, 4 if bk <= 64 else 8, bwd_bv, 4 if bk <= 64 else 8, 3,
-                          seg_warps=4, par_bv=min(bv, 128) if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
+                          seg_warps=4, par_bv=min(bv, 128) if bk <= 128 else 32,
+                          par_warps=4 if bk <= 64 else 8)
 
 
 def _pow2(d: int) -> int:
@@ -410,7 +411,8 @@ def _kernels():
         dq = _dot(b.to(k.dtype), k, IEEE) + q_decay[:, None] * _dot(do, tl.trans(S_in.to(do.dtype)), IEEE)
         dk_inter = key_decay[:, None] * _dot(v, tl.trans(Gc.to(v.dtype)), IEEE)
         dk = SCALE * _dot(tl.trans(b).to(q.dtype), q, IEEE) + dk_inter
-        dv = SCALE * _dot(tl.trans(a).to(do.dtype), do, IEEE) + key_decay[:, None] * _dot(k, Gc.to(k.dtype), IEEE)
+        dv = SCALE * _dot(tl.trans(a).to(do.dtype), do, IEEE)
+        dv += key_decay[:, None] * _dot(k, Gc.to(k.dtype), IEEE)
 
         ds = SCALE * tl.sum(tl.sum(lag * a * dov, axis=1), axis=0)  # lam^(i-j) once: a has it
         ds += tl.sum(key_exp * tl.sum(k.to(tl.float32) * dk_inter, axis=1), axis=0)
@@ -425,7 +427,8 @@ def _kernels():
         rows = t[:, None] * (H * DK) + h * DK + rk[None, :]
         tl.store(dq_ptr + base + rows, (SCALE * dq).to(dq_ptr.dtype.element_ty), mask=mq)
         tl.store(dk_ptr + base + rows, dk.to(dk_ptr.dtype.element_ty), mask=mq)
-        tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty), mask=mo)
+        tl.store(dv_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=mo)
 
     return fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel
 
@@ -530,15 +533,16 @@ def _check_supported(q, k, v):
     except Exception as err:  # jax-triton raises ImportError/RuntimeError without a CUDA jax
         raise NotImplementedError(f"the triton backend needs jax-triton and triton: {err}") from err
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        if jnp.dtype(x.dtype) not in map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)):
             raise NotImplementedError(f"the triton backend takes float32/bfloat16/float16, got {name}.dtype="
                                       f"{x.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise NotImplementedError(f"the triton backend needs one dtype for q, k, v, got {q.dtype}, {k.dtype}, "
-                                  f"{v.dtype}")
+        raise NotImplementedError(
+            f"the triton backend needs one dtype for q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}")
     Dk, Dv = q.shape[3], v.shape[3]
     if max(Dk, Dv) > MAX_HEAD_DIM:
-        raise NotImplementedError(f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got {Dk=}, {Dv=}")
+        raise NotImplementedError(
+            f"the triton backend takes head dims up to {MAX_HEAD_DIM}, got {Dk=}, {Dv=}")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -562,8 +566,8 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
     keep = blocks.bwd_parallel
     o, final, states = _forward_pass(q, k, v, slopes, initial_state, cu_seqlens, scale=opts.scale,
-                                     reverse=opts.reverse, store_states=keep, out_dtype=q.dtype, blocks=blocks,
-                                     state_dtype=_state_dtype(q.dtype))
+                                     reverse=opts.reverse, store_states=keep, out_dtype=q.dtype,
+                                     blocks=blocks, state_dtype=_state_dtype(q.dtype))
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
 
 
@@ -644,8 +648,9 @@ def _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
     # dq pass: the forward kernel with (q, k, v) := (dO, v, k) and state S^T; it also leaves S_in^T of
     # every chunk behind for the slope gradient.
     s0_t = None if s0 is None else jnp.swapaxes(s0.astype(jnp.float32), 2, 3)
-    dq, _, states_t = _forward_pass(do, v, k, slopes, s0_t, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
-                                    store_states=True, out_dtype=q.dtype, blocks=blocks, bv=blocks.bwd_bv)
+    dq, _, states_t = _forward_pass(do, v, k, slopes, s0_t, cu_seqlens, scale=opts.scale,
+                                    reverse=opts.reverse, store_states=True, out_dtype=q.dtype, blocks=blocks,
+                                    bv=blocks.bwd_bv)
 
     N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
     BK = _pow2(DK)
