@@ -12,17 +12,19 @@ bos + L - 1 - p with reverse=True, so reverse costs nothing but the index map. G
 h // (H // Hkv) in-kernel; k and v are never repeated. cu_seqlens gives each program its own
 sequence bounds, so packed sequences need no re-layout.
 
-Backward (same kernel family, no per-token state kept; residuals are q, k, v):
-  * dq: the forward kernel on (q, k, v) := (dO, v, k) with initial state S0^T:
-        dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T).
-    It also stores S_in of every chunk (float32), which the slope gradient needs.
-  * dk, dv, dS0, dslopes: one kernel walking the chunks backwards with G = dL/dS_out of the chunk:
+Backward (no per-token state kept; residuals are q, k, v and, for bf16/fp16, S_in of every chunk):
+  * chunk-parallel (bf16/fp16, the default): the differentiated forward also stores S_in of every
+    chunk; a light reverse walk (dstate_kernel) stores G = dL/dS_out of every chunk,
+        dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i                  (dS0 at the first chunk)
+    and one kernel over all (chunk, head) pairs (bwd_chunk_kernel) does the matrix work:
+        dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T)
         dk_j = scale sum_{i>=j} lam^(i-j) (dO_i . v_j) q_i + lam^(l-1-j) G v_j
         dv_j = scale sum_{i>=j} lam^(i-j) (q_i . k_j) dO_i + lam^(l-1-j) k_j G
-        dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i                  (dS0 at the first chunk)
-  * dslopes, exactly: every term of the loss is lam^e times something, e = the distance it decayed
-    over, so dL/ds = -sum e * term. Split by where the decay is applied, each part is a product the
-    dkdv kernel has at hand, with no cancellation between large sums:
+  * sequential (float32): dq from the forward kernel on (q, k, v) := (dO, v, k) with state S^T (it also
+    stores S_in^T of every chunk), then dkdv_kernel walks the chunks backwards carrying G.
+  * dslopes, exactly, in both: every term of the loss is lam^e times something, e = the distance it
+    decayed over, so dL/ds = -sum e * term. Split by where the decay is applied, each part is a product
+    the kernels have at hand, with no cancellation between large sums:
         intra pairs:          -scale sum_{i>=j} (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j)
         keys into S_out:      -sum_j (l-1-j) k_j . [lam^(l-1-j) G v_j]
         queries from S_in:    -scale <S_in, sum_i (i+1) lam^(i+1) q_i^T dO_i>
@@ -39,7 +41,6 @@ import jax.numpy as jnp
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
-_LOG2E = 1.4426950408889634
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Dv block per program (forward and dq pass / dkdv pass) and warps; chosen by head dim."""
+    """Dv blocks per program, warps, pipeline stages and the segment rule; chosen by head dim and dtype."""
 
     fwd_bv: int
     fwd_warps: int
@@ -66,6 +67,12 @@ class BlockSizes:
     par_bv: int = 64  # Dv block of the chunk-parallel backward kernel
     par_warps: int = 8
     seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
+
+    def __post_init__(self):
+        for name in ("fwd_bv", "bwd_bv", "par_bv"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
 
     @staticmethod
     def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
