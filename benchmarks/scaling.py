@@ -64,7 +64,10 @@ def programs(mesh, scan, impl):
     def local_only(q, k, v):  # the same per-device work with no state exchanged: the lower bound
         return jax.shard_map(
             lambda q, k, v: lightning_attention(q, k, v, **kw),
-            mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False,
+            mesh=mesh,
+            in_specs=(spec, spec, spec),
+            out_specs=spec,
+            check_vma=False,
         )(q, k, v)
 
     def bare(q, k, v):  # the kernel on one device, no shard_map: the overhead baseline at P = 1
@@ -74,9 +77,12 @@ def programs(mesh, scan, impl):
         return jax.jit(jax.grad(lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2)))
 
     return {
-        "fwd": jax.jit(sharded), "fwdbwd": with_grad(sharded),
-        "local_fwd": jax.jit(local_only), "local_fwdbwd": with_grad(local_only),
-        "bare_fwd": jax.jit(bare), "bare_fwdbwd": with_grad(bare),
+        "fwd": jax.jit(sharded),
+        "fwdbwd": with_grad(sharded),
+        "local_fwd": jax.jit(local_only),
+        "local_fwdbwd": with_grad(local_only),
+        "bare_fwd": jax.jit(bare),
+        "bare_fwdbwd": with_grad(bare),
     }
 
 
@@ -118,7 +124,9 @@ def longest_sequence(P_, scan, args, start_T, time_budget_s):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", default=None, help="device counts, e.g. 1,2 (default: 1 and all)")
     parser.add_argument("--scans", default=",".join(SCANS))
     parser.add_argument("--weak", default="32768,131072,524288", help="tokens per device")
@@ -163,8 +171,11 @@ def main():
                 print(longest[-1], flush=True)
 
     # Efficiency / speed-up against the one-device time of the same size class.
-    base = {(r["kind"], r["tokens_per_device"] if r["kind"] == "weak" else r["T"]): r
-            for r in rows if r["devices"] == 1}
+    base = {
+        (r["kind"], r["tokens_per_device"] if r["kind"] == "weak" else r["T"]): r
+        for r in rows
+        if r["devices"] == 1
+    }
     for r in rows:
         ref = base.get((r["kind"], r["tokens_per_device"] if r["kind"] == "weak" else r["T"]))
         if ref and r["devices"] > 1:
@@ -172,22 +183,34 @@ def main():
             r[f"{key}_fwd"] = ref["fwd_ms"] / r["fwd_ms"]
             r[f"{key}_fwdbwd"] = ref["fwdbwd_ms"] / r["fwdbwd_ms"]
 
-    print(f"\n{env['device']} x{n}, copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s, "
-          f"H={args.heads} D={args.head_dim} {args.dtype}")
-    print(f"{'kind':6} {'P':>2} {'T':>9} {'scan':9} {'fwd ms':>9} {'f+b ms':>9} {'ratio f':>8} {'ratio f+b':>9} "
-          f"{'scan f+b ms':>11}")
+    print(
+        f"\n{env['device']} x{n}, copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s, "
+        f"H={args.heads} D={args.head_dim} {args.dtype}"
+    )
+    print(
+        f"{'kind':6} {'P':>2} {'T':>9} {'scan':9} {'fwd ms':>9} {'f+b ms':>9} "
+        f"{'ratio f':>8} {'ratio f+b':>9} {'scan f+b ms':>11}"
+    )
     for r in rows:
         key = "efficiency" if r["kind"] == "weak" else "speedup"
-        print(f"{r['kind']:6} {r['devices']:>2} {r['T']:>9} {r['scan']:9} {r['fwd_ms']:9.3f} {r['fwdbwd_ms']:9.3f} "
-              f"{r.get(key + '_fwd', float('nan')):8.3f} {r.get(key + '_fwdbwd', float('nan')):9.3f} "
-              f"{r.get('exposed_scan_fwdbwd_ms', float('nan')):11.3f}")
+        print(
+            f"{r['kind']:6} {r['devices']:>2} {r['T']:>9} {r['scan']:9} "
+            f"{r['fwd_ms']:9.3f} {r['fwdbwd_ms']:9.3f} "
+            f"{r.get(key + '_fwd', float('nan')):8.3f} {r.get(key + '_fwdbwd', float('nan')):9.3f} "
+            f"{r.get('exposed_scan_fwdbwd_ms', float('nan')):11.3f}"
+        )
     for r in rows:
         if "overhead_fwd" in r:
-            print(f"sharded_lightning on 1 device vs bare kernel, T={r['T']}: fwd {r['overhead_fwd']:+.1%}, "
-                  f"fwd+bwd {r['overhead_fwdbwd']:+.1%}")
+            print(
+                f"sharded_lightning on 1 device vs bare kernel, T={r['T']}: fwd {r['overhead_fwd']:+.1%}, "
+                f"fwd+bwd {r['overhead_fwdbwd']:+.1%}"
+            )
     for r in longest:
         if r:
-            print(f"longest fwd+bwd on {r['devices']} device(s), scan={r['scan']}: T={r['T']} ({r['fwdbwd_ms']:.1f} ms)")
+            print(
+                f"longest fwd+bwd on {r['devices']} device(s), scan={r['scan']}: "
+                f"T={r['T']} ({r['fwdbwd_ms']:.1f} ms)"
+            )
 
     result = {"environment": env, "args": vars(args), "rows": rows, "longest": longest}
     if args.out:
@@ -208,8 +231,11 @@ def plot(result, path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, kind, key in ((axes[0], "weak", "efficiency_fwdbwd"), (axes[1], "strong", "speedup_fwdbwd")):
         for scan in {r["scan"] for r in result["rows"]}:
-            pts = sorted((r["tokens_per_device"] if kind == "weak" else r["T"], r[key])
-                         for r in result["rows"] if r["kind"] == kind and r["scan"] == scan and key in r)
+            pts = sorted(
+                (r["tokens_per_device"] if kind == "weak" else r["T"], r[key])
+                for r in result["rows"]
+                if r["kind"] == kind and r["scan"] == scan and key in r
+            )
             if pts:
                 ax.plot(*zip(*pts, strict=True), marker="o", label=scan)
         ax.set_xscale("log", base=2)

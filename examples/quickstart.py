@@ -21,9 +21,9 @@ use_fake_cpu_devices(8)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from shardattn.meshes import make_mesh, shard_qkv  # noqa: E402
 
 import shardattn  # noqa: E402
+from shardattn.meshes import make_mesh, shard_qkv  # noqa: E402
 from shardattn.sharded import choose_scan, sharded_lightning  # noqa: E402
 
 # Relative-RMS error allowed against the float32 reference (tests/helpers.py uses the same table);

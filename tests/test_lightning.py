@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
-from shardattn.kernels.lightning import reference
 
 import shardattn
+from shardattn.kernels.lightning import reference
 
 # Backends checked here on CPU. The Triton backend runs this file's cases in tests/test_triton_gpu.py
 # (GPU only) and the Pallas backend in tests/test_pallas.py (interpret mode).

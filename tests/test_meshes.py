@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
 from shardattn.meshes import make_mesh, qkv_spec, resolve_axes, shard_qkv, state_spec
 
 

@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
-from shardattn.kernels.lightning import pallas_tpu, reference
 
 import shardattn
+from shardattn.kernels.lightning import pallas_tpu, reference
 
 SCALE = 0.7
 

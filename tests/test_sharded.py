@@ -15,9 +15,9 @@ import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from shardattn.meshes import make_mesh, shard_qkv
 
 import shardattn
+from shardattn.meshes import make_mesh, shard_qkv
 from shardattn.sharded import sharded_lightning
 
 # Backend of the sharded runs (the expected values always come from implementation="reference").

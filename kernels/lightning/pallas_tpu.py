@@ -33,6 +33,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from shardattn.kernels.lightning.varying import match_varying
+
 LANES = 128  # TPU vreg lane width: the last dim of every VMEM block is padded to a multiple of it
 SUBLANE_ROWS = 16  # rows per packed bf16 vreg tile (8 for float32): chunk sizes are multiples of 16
 NT_DIMS = (((1,), (1,)), ((), ()))  # dot_general numbers for a @ b.T (native on the MXU)
@@ -423,16 +425,6 @@ _lightning.defvjp(_lightning_fwd, _lightning_bwd)
 # ---------------------------------------------------------------------------------------- wrapper
 
 
-def _match_varying(x, like):
-    """x cast to vary over the shard_map axes `like` varies over (a no-op outside shard_map).
-
-    The custom_vjp then sees, e.g., replicated slopes as varying; autodiff of the cast is the psum that
-    sums d(slopes) over the shards.
-    """
-    missing = tuple(sorted(jax.typeof(like).mat.varying - jax.typeof(x).mat.varying))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-
 def _varlen_tables(cu_seqlens, T, num_chunks, chunk, reverse):
     """Chunk-aligned layout of packed sequences.
 
@@ -548,8 +540,8 @@ def lightning_attention(
     q_k, k_k, v_k = to_kernel(q, Dkp), to_kernel(k, Dkp), to_kernel(v, Dvp)
     s0_k = jnp.pad(s0, [(0, 0), (0, 0), (0, Dkp - Dk), (0, Dvp - Dv)])
     slopes_k = slopes.astype(jnp.float32)
-    s0_k, slopes_k = _match_varying(s0_k, q_k), _match_varying(slopes_k, q_k)
-    tables = tuple(_match_varying(t, q_k) for t in tables)
+    s0_k, slopes_k = match_varying(s0_k, q_k), match_varying(slopes_k, q_k)
+    tables = tuple(match_varying(t, q_k) for t in tables)
     # Mosaic's default scoped VMEM limit is 16 MiB on v5e: ask for what the blocks need, with headroom.
     vmem_limit = int(min(max(2 * vmem, 32 * 2**20), 64 * 2**20))
     options = _Options(scale=float(scale), chunk=C, group=G, varlen=cu_seqlens is not None,

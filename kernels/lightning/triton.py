@@ -39,6 +39,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from shardattn.kernels.lightning.varying import match_varying
+
 CHUNK = 64
 MAX_HEAD_DIM = 256
 
@@ -447,10 +449,17 @@ def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **
     """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature."""
     import jax_triton as jt
 
-    return jt.triton_call(
+    outputs = jt.triton_call(
         *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
         num_warps=num_warps, num_stages=num_stages, **constexprs,
     )
+    # Inside shard_map, triton_call's outputs are typed as varying over no mesh axis; they vary like the
+    # data they were computed from. (This runs inside the custom_vjp rules, so the cast is never
+    # differentiated: no psum of a per-shard value.)
+    arrays = [x for x in inputs if isinstance(x, jax.Array)]
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(match_varying(o, *arrays) for o in outputs)
+    return match_varying(outputs, *arrays)
 
 
 def _layout(cu_seqlens, B, T):
@@ -699,7 +708,9 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     """
     _check_supported(q, k, v)
     opts = Options(scale=float(scale), reverse=bool(reverse))
-    slopes = slopes.astype(jnp.float32)
+    # Replicated slopes / initial states vary like q inside shard_map; autodiff of this cast psums their
+    # per-shard gradients (see varying.py).
+    slopes = match_varying(slopes.astype(jnp.float32), q)
     if initial_state is not None:
-        initial_state = initial_state.astype(jnp.float32)
+        initial_state = match_varying(initial_state.astype(jnp.float32), q)
     return _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts)
