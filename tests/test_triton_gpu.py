@@ -157,3 +157,53 @@ def test_backward_variants(block_sizes, change, offsets):
     inputs = make_inputs(case, with_state=True, num_states=n)
     cu = None if offsets is None else jnp.asarray(offsets, jnp.int32)
     check_against_reference(IMPL, inputs, case.dtype, cu_seqlens=cu, reverse=True)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_inside_shard_map_with_varying_axes_checked(dtype):
+    """The kernel under shard_map(check_vma=True): outputs typed like the data, grads equal to the bare call.
+
+    A mesh axis of size 1 still makes the sharded inputs vary over it, so one GPU exercises the typing
+    (and a wrong cast, which would psum per-shard values, would still show in d(slopes)/d(state)).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from shardattn.kernels.lightning import get_backend
+
+    case = Case(B=2, T=500, H=4, Hkv=2, Dk=64, dtype=dtype)
+    x = make_inputs(case, with_state=True)
+    kernel = get_backend(IMPL)
+    mesh = jax.make_mesh((1, 1), ("data", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    spec = P("data", "seq", None, None)
+
+    def bare(q, k, v, slopes, s0):
+        o, s = kernel(q, k, v, slopes, s0, None, scale=0.5)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
+
+    def sharded(q, k, v, slopes, s0):
+        run = jax.shard_map(
+            lambda q, k, v, slopes, s0: kernel(q, k, v, slopes, s0, None, scale=0.5),
+            mesh=mesh, in_specs=(spec, spec, spec, P(), P("data")), out_specs=(spec, P("data")),
+            check_vma=True,
+        )
+        o, s = run(q, k, v, slopes, s0)
+        return jnp.sum(o.astype(jnp.float32) ** 2) + jnp.sum(s**2)
+
+    args = (x["q"], x["k"], x["v"], x["slopes"], x["initial_state"])
+    want = jax.jit(jax.value_and_grad(bare, argnums=tuple(range(5))))(*args)
+    got = jax.jit(jax.value_and_grad(sharded, argnums=tuple(range(5))))(*args)
+    for name, a, b in zip(["loss", "dq", "dk", "dv", "dslopes", "dstate"], jax.tree.leaves(got),
+                          jax.tree.leaves(want), strict=True):
+        assert_close(name, a, b, 1e-6)
+
+
+def test_sharded_lightning_on_one_gpu_equals_kernel():
+    from shardattn.meshes import make_mesh
+
+    case = Case(B=2, T=1000, H=4, Dk=64, dtype=jnp.bfloat16)
+    x = make_inputs(case)
+    mesh = make_mesh(seq=1, devices=jax.devices()[:1])
+    o_sharded = shardattn.sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, slopes=x["slopes"],
+                                            implementation=IMPL)
+    o_bare = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], implementation=IMPL)
+    np.testing.assert_array_equal(np.asarray(o_sharded, np.float32), np.asarray(o_bare, np.float32))
