@@ -242,7 +242,8 @@ def plot(result, path):
         ax.set_xlabel("tokens per device" if kind == "weak" else "global tokens")
         ax.set_ylabel("efficiency t1/tP" if kind == "weak" else "speed-up t1/tP")
         ax.set_title(f"{kind} scaling, fwd+bwd")
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     env = result["environment"]
     fig.suptitle(f"sharded_lightning on {env['device']} x{env['num_devices']} ({env['date']})")
     fig.tight_layout()
