@@ -6,9 +6,15 @@ For each device count P and scan strategy it times forward and forward+backward 
   - strong scaling: global T fixed; speed-up = t(1 device) / t(P devices);
   - the exposed cost of the state scan: t(sharded_lightning) - t(local kernels alone, no communication);
   - the longest global sequence whose forward+backward fits (doubling T until out of memory).
+With --emulate P (one device is enough) it also times, on one device, the local work of one sequence
+shard of a P-way run: the kernel from a zero state with its final state out, and the correction with an
+incoming state (a stand-in derived from the local state, so gradients flow as in the real run). That
+is sharded_lightning's per-device program without the collective: t(bare kernel) / t(shard) bounds
+the weak-scaling efficiency from above, and the longest shard that fits bounds the longest sequence.
 Prints a table, writes JSON (and a PNG plot when matplotlib is present).
 
     python benchmarks/scaling.py --devices 1,2 --out benchmarks/results/scaling-2xh200.json
+    python benchmarks/scaling.py --devices 1 --emulate 2 --longest     # one GPU
     python benchmarks/scaling.py --smoke            # tiny sizes on 8 fake CPU devices
 """
 
@@ -29,9 +35,9 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import copy_bandwidth_gbs, environment, time_call  # noqa: E402
 
-from shardattn import lightning_attention  # noqa: E402
+from shardattn import decay_slopes, lightning_attention  # noqa: E402
 from shardattn.meshes import make_mesh  # noqa: E402
-from shardattn.sharded import sharded_lightning  # noqa: E402
+from shardattn.sharded import add_incoming_state, sharded_lightning  # noqa: E402
 
 SCANS = ("ring", "tree", "allgather")
 
@@ -45,7 +51,7 @@ def inputs(mesh, T, H, D, dtype, seed=0):
         keys = jax.random.split(key, 3)
         shape = (1, T, H, D)
         q = jax.random.normal(keys[0], shape, dtype)
-        k = (jax.random.normal(keys[1], shape, jnp.float32) * D**-0.5).astype(dtype)
+        k = jax.random.normal(keys[1], shape, dtype) * jnp.asarray(D**-0.5, dtype)  # no float32 copy
         v = jax.random.normal(keys[2], shape, dtype)
         return tuple(jax.lax.with_sharding_constraint(x, sharding) for x in (q, k, v))
 
@@ -86,6 +92,31 @@ def programs(mesh, scan, impl):
     }
 
 
+def shard_programs(heads, impl):
+    """Forward and forward+backward of one sequence shard's local work, on one device (see --emulate)."""
+    slopes = decay_slopes(heads, 0, 8)
+
+    def shard(q, k, v):
+        n = q.shape[1]
+        o_loc, s_loc = lightning_attention(q, k, v, slopes=slopes, return_state=True, implementation=impl)
+        s_in = 0.5 * s_loc  # stands in for the state the scan brings from the previous shard
+        return add_incoming_state(o_loc, q, slopes, s_in, jnp.arange(n), n, q.shape[-1] ** -0.5)
+
+    grad = jax.grad(lambda q, k, v: jnp.sum(shard(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
+    return {"fwd": jax.jit(shard), "fwdbwd": jax.jit(grad)}
+
+
+def measure_shard(P_, T, args):
+    """The local work of one shard of a P_-way run with global length T, timed on one device."""
+    mesh = make_mesh(seq=1, devices=jax.devices()[:1])
+    q, k, v = inputs(mesh, T // P_, args.heads, args.head_dim, jnp.dtype(args.dtype))
+    fns = shard_programs(args.heads, args.impl)
+    row = {"devices": P_, "T": T, "tokens_per_device": T // P_, "scan": "emulated", "emulated": True}
+    for name, fn in fns.items():
+        row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
+    return row
+
+
 def measure(P_, T, scan, args):
     mesh = make_mesh(seq=P_, devices=jax.devices()[:P_])
     q, k, v = inputs(mesh, T, args.heads, args.head_dim, jnp.dtype(args.dtype))
@@ -105,22 +136,30 @@ def measure(P_, T, scan, args):
 
 
 def longest_sequence(P_, scan, args, start_T, time_budget_s):
-    """Doubles T until forward+backward no longer fits (or the time budget is spent)."""
-    mesh = make_mesh(seq=P_, devices=jax.devices()[:P_])
-    fns = programs(mesh, scan, args.impl)
+    """Doubles T until forward+backward no longer fits (or the time budget is spent).
+
+    scan="emulated": one device holds one shard of a P_-way run (T / P_ tokens), see --emulate.
+    Returns the longest T that ran and the first that did not (None if the time budget ended it).
+    """
+    emulated = scan == "emulated"
+    mesh = make_mesh(seq=1 if emulated else P_, devices=jax.devices()[: 1 if emulated else P_])
+    fns = shard_programs(args.heads, args.impl) if emulated else programs(mesh, scan, args.impl)
+    shard = P_ if emulated else 1  # one device holds T / shard tokens
     best, T, t0 = None, start_T, time.time()
+    failed = None
     while time.time() - t0 < time_budget_s:
         try:
-            q, k, v = inputs(mesh, T, args.heads, args.head_dim, jnp.dtype(args.dtype))
+            q, k, v = inputs(mesh, T // shard, args.heads, args.head_dim, jnp.dtype(args.dtype))
             ms = time_call(fns["fwdbwd"], q, k, v, warmup=1, repeats=1)
             best = {"devices": P_, "scan": scan, "T": T, "fwdbwd_ms": ms}
             del q, k, v
         except Exception as err:  # XLA reports out-of-memory as a runtime error
             if "RESOURCE_EXHAUSTED" in str(err) or "out of memory" in str(err).lower():
+                failed = T
                 break
             raise
         T *= 2
-    return best
+    return {**(best or {"devices": P_, "scan": scan}), "first_out_of_memory_T": failed}
 
 
 def main():
@@ -139,6 +178,7 @@ def main():
     parser.add_argument("--longest-budget-s", type=float, default=120.0)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--emulate", default="", help="shard counts P to emulate on one device, e.g. 2,8")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on 8 fake CPU devices")
     parser.add_argument("--out", default=None, help="JSON path")
     args = parser.parse_args()
@@ -150,6 +190,7 @@ def main():
     counts = [int(c) for c in args.devices.split(",")] if args.devices else sorted({1, n})
     counts = [c for c in counts if c <= n]
     scans = args.scans.split(",")
+    emulate = [int(c) for c in args.emulate.split(",") if c]
     env = environment()
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(nbytes=1 << (20 if args.smoke else 30))
     rows = []
@@ -158,17 +199,26 @@ def main():
             for scan in scans if c > 1 else scans[:1]:  # one device: every scan is the same program
                 rows.append({"kind": "weak", **measure(c, tokens * c, scan, args)})
                 print(rows[-1], flush=True)
+        for c in emulate:
+            rows.append({"kind": "weak", **measure_shard(c, tokens * c, args)})
+            print(rows[-1], flush=True)
     for T in (int(t) for t in args.strong.split(",")):
         for c in counts:
             for scan in scans if c > 1 else scans[:1]:
                 rows.append({"kind": "strong", **measure(c, T, scan, args)})
                 print(rows[-1], flush=True)
+        for c in emulate:
+            rows.append({"kind": "strong", **measure_shard(c, T, args)})
+            print(rows[-1], flush=True)
     longest = []
     if args.longest:
         for c in counts:
             for scan in scans if c > 1 else scans[:1]:
                 longest.append(longest_sequence(c, scan, args, 1 << 18, args.longest_budget_s))
                 print(longest[-1], flush=True)
+        for c in emulate:
+            longest.append(longest_sequence(c, "emulated", args, 1 << 18, args.longest_budget_s))
+            print(longest[-1], flush=True)
 
     # Efficiency / speed-up against the one-device time of the same size class.
     base = {
@@ -206,11 +256,12 @@ def main():
                 f"fwd+bwd {r['overhead_fwdbwd']:+.1%}"
             )
     for r in longest:
-        if r:
-            print(
-                f"longest fwd+bwd on {r['devices']} device(s), scan={r['scan']}: "
-                f"T={r['T']} ({r['fwdbwd_ms']:.1f} ms)"
-            )
+        where = "one shard on 1 device" if r["scan"] == "emulated" else f"scan={r['scan']}"
+        print(
+            f"longest fwd+bwd on {r['devices']} device(s) ({where}): T={r.get('T')} "
+            f"({r.get('fwdbwd_ms', float('nan')):.1f} ms); "
+            f"first out of memory: T={r['first_out_of_memory_T']}"
+        )
 
     result = {"environment": env, "args": vars(args), "rows": rows, "longest": longest}
     if args.out:
@@ -237,7 +288,8 @@ def plot(result, path):
                 if r["kind"] == kind and r["scan"] == scan and key in r
             )
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=scan)
+                label = "one shard, no collective" if scan == "emulated" else scan
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per device" if kind == "weak" else "global tokens")
         ax.set_ylabel("efficiency t1/tP" if kind == "weak" else "speed-up t1/tP")

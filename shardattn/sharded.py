@@ -154,6 +154,20 @@ def _scan_allgather(a, s, *, axis, num, step, phys, a_pow):
 _SCAN_FNS = {"ring": _scan_ring, "tree": _scan_tree, "allgather": _scan_allgather}
 
 
+def add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, scale):
+    """o_i = o_loc_i + scale * lam^(i+1) q_i S_in for the tokens before the shard's first sequence start.
+
+    o_loc, q: [b, n, h, D]; s_in [b, h, Dk, Dv]; proc_pos [n]: each token's position in processing order.
+    (Public to the benchmarks, which time a sequence shard's local work on one device.)
+    """
+    reach = jnp.where(
+        proc_pos[:, None] < first_start, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), 0.0
+    )  # [n, h]
+    q_decayed = q.astype(jnp.float32) * reach[None, :, :, None]
+    correction = jnp.einsum("bnhk,bhkv->bnhv", q_decayed, s_in, precision=_precision(q.dtype))
+    return (o_loc.astype(jnp.float32) + scale * correction).astype(o_loc.dtype)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Per-device function (inside shard_map). Local shapes: q [b, n, h, Dk], k [b, n, hkv, Dk],
 # v [b, n, hkv, Dv], slopes [h], initial_state [b or N, h, Dk, Dv] or None, cu_seqlens [N + 1] or None.
@@ -226,13 +240,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     # the backend's final state (k and v), so an XLA backend can overlap it with its intra-chunk work.
     s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=a_pow)
 
-    # o_i += scale * lam^(i+1) q_i S_in, only for tokens before the shard's first sequence start.
-    reach = jnp.where(
-        proc_pos[:, None] < first_start, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), 0.0
-    )  # [n, h]
-    q_decayed = q.astype(jnp.float32) * reach[None, :, :, None]
-    correction = jnp.einsum("bnhk,bhkv->bnhv", q_decayed, s_in, precision=_precision(q.dtype))
-    o = (o_loc.astype(jnp.float32) + plan.scale * correction).astype(o_loc.dtype)
+    o = add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, plan.scale)
     if not plan.return_state:
         return o
 
