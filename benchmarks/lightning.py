@@ -18,7 +18,6 @@ import os
 import platform
 import subprocess
 import sys
-import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,33 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from workloads import GPU_WORKLOADS, WORKLOADS  # noqa: E402
 
 LAYER_IDX, NUM_LAYERS = 0, 24  # transnormer slopes (8 / H) * h, as fla's chunk_lightning_attn builds them
-
-
-def _median_ms(fn, args, warmup, rounds, inner):
-    """Median over `rounds` of the mean time of `inner` back-to-back calls (host clock, synchronized)."""
-    import jax
-
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = fn(*args)
-        jax.block_until_ready(out)
-        times.append((time.perf_counter() - t0) / inner * 1e3)
-    times.sort()
-    return times[len(times) // 2]
-
-
-def copy_bandwidth_gbs(nbytes=1 << 30):
-    import jax
-    import jax.numpy as jnp
-
-    x = jax.random.normal(jax.random.PRNGKey(0), (nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x + 1.0)
-    ms = _median_ms(f, (x,), warmup=3, rounds=10, inner=5)
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 def _inputs(w, seed=0):
@@ -70,6 +42,7 @@ def _inputs(w, seed=0):
 
 def time_jax(impl, w, warmup, rounds, inner):
     import jax
+    from timing import time_call
 
     import shardattn
 
@@ -87,8 +60,8 @@ def time_jax(impl, w, warmup, rounds, inner):
         return o, vjp(do)
 
     return {
-        "fwd_ms": _median_ms(fwd, (q, k, v), warmup, rounds, inner),
-        "fwd_bwd_ms": _median_ms(fwd_bwd, (q, k, v, do), warmup, rounds, inner),
+        "fwd_ms": time_call(fwd, q, k, v, warmup=warmup, repeats=rounds, inner=inner),
+        "fwd_bwd_ms": time_call(fwd_bwd, q, k, v, do, warmup=warmup, repeats=rounds, inner=inner),
     }
 
 
@@ -244,6 +217,7 @@ def main(argv=None):
     fla = run_fla(names, args.warmup, args.reps, args.fla_timeout) if args.fla else None
 
     import jax
+    from timing import copy_bandwidth_gbs
 
     device = jax.devices()[0]
     bw = copy_bandwidth_gbs()

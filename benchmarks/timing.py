@@ -9,15 +9,18 @@ import jax
 import jax.numpy as jnp
 
 
-def time_call(fn, *args, warmup: int = 2, repeats: int = 10) -> float:
-    """Median wall time in ms of fn(*args) (a jitted function), synchronised on its outputs."""
+def time_call(fn, *args, warmup: int = 2, repeats: int = 10, inner: int = 1) -> float:
+    """Median over `repeats` rounds of the mean wall time in ms of `inner` back-to-back calls of fn(*args)
+    (a jitted function), synchronised on the outputs at the end of each round."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
+        for _ in range(inner):
+            out = fn(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / inner)
     return 1e3 * statistics.median(times)
 
 
@@ -26,7 +29,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 30, device=None) -> float:
     device = device or jax.devices()[0]
     x = jax.device_put(jnp.zeros((nbytes // 4,), jnp.float32), device)
     copy = jax.jit(lambda a: a + 1.0)  # one read and one write of every element
-    ms = time_call(copy, x, warmup=3, repeats=20)
+    ms = time_call(copy, x, warmup=3, repeats=10, inner=5)
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
