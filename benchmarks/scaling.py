@@ -6,11 +6,11 @@ For each device count P and scan strategy it times forward and forward+backward 
   - strong scaling: global T fixed; speed-up = t(1 device) / t(P devices);
   - the exposed cost of the state scan: t(sharded_lightning) - t(local kernels alone, no communication);
   - the longest global sequence whose forward+backward fits (doubling T until out of memory).
-With --emulate P (one device is enough) it also times, on one device, the local work of one sequence
-shard of a P-way run: the kernel from a zero state with its final state out, and the correction with an
-incoming state (a stand-in derived from the local state, so gradients flow as in the real run). That
-is sharded_lightning's per-device program without the collective: t(bare kernel) / t(shard) bounds
-the weak-scaling efficiency from above, and the longest shard that fits bounds the longest sequence.
+With --emulate P (one device is enough) it also times, on one device, one sequence shard of a P-way run:
+sharded_lightning's own per-shard function (shardattn.sharded.sequence_shard) with a stand-in for the
+collectives of the scan. That is the per-device program without communication: t(bare kernel) /
+t(shard) bounds the weak-scaling efficiency from above, and the longest shard that fits bounds the
+longest sequence.
 Prints a table, writes JSON (and a PNG plot when matplotlib is present).
 
     python benchmarks/scaling.py --devices 1,2 --out benchmarks/results/scaling-2xh200.json
@@ -35,9 +35,10 @@ from jax.sharding import PartitionSpec as P
 sys.path.insert(0, os.path.dirname(__file__))
 from timing import copy_bandwidth_gbs, environment, time_call  # noqa: E402
 
-from shardattn import decay_slopes, lightning_attention  # noqa: E402
+from shardattn import decay_slopes, lightning_attention, sharded  # noqa: E402
+from shardattn.lightning import resolve_implementations  # noqa: E402
 from shardattn.meshes import make_mesh  # noqa: E402
-from shardattn.sharded import add_incoming_state, sharded_lightning  # noqa: E402
+from shardattn.sharded import sharded_lightning  # noqa: E402
 
 SCANS = ("ring", "tree", "allgather")
 
@@ -92,15 +93,21 @@ def programs(mesh, scan, impl):
     }
 
 
-def shard_programs(heads, impl):
-    """Forward and forward+backward of one sequence shard's local work, on one device (see --emulate)."""
+def shard_programs(heads, head_dim, impl, num_seq):
+    """Forward and forward+backward of one sequence shard (a middle one) of a num_seq-way run, on one
+    device: sharded_lightning's own per-shard function with a stand-in for the scan's collectives, which
+    returns half the local state (so values and gradients flow as in the real run)."""
+    sharded._SCAN_FNS.setdefault("stand-in", lambda a, s, **_: 0.5 * s)
+    plan = sharded._Plan(
+        batch_axes=(), seq_axis="seq", head_axis=None, num_seq=num_seq, scan="stand-in",
+        scale=head_dim**-0.5, reverse=False, implementations=resolve_implementations(impl), packed=False,
+        kv_replicated=False, return_state=False,
+    )  # fmt: skip
     slopes = decay_slopes(heads, 0, 8)
 
     def shard(q, k, v):
-        n = q.shape[1]
-        o_loc, s_loc = lightning_attention(q, k, v, slopes=slopes, return_state=True, implementation=impl)
-        s_in = 0.5 * s_loc  # stands in for the state the scan brings from the previous shard
-        return add_incoming_state(o_loc, q, slopes, s_in, jnp.arange(n), n, q.shape[-1] ** -0.5)
+        zeros = jnp.zeros((q.shape[0], heads, head_dim, head_dim), jnp.float32)
+        return sharded.sequence_shard(plan, q, k, v, slopes, zeros, jnp.int32(1))[0]
 
     grad = jax.grad(lambda q, k, v: jnp.sum(shard(q, k, v).astype(jnp.float32)), argnums=(0, 1, 2))
     return {"fwd": jax.jit(shard), "fwdbwd": jax.jit(grad)}
@@ -110,7 +117,7 @@ def measure_shard(P_, T, args):
     """The local work of one shard of a P_-way run with global length T, timed on one device."""
     mesh = make_mesh(seq=1, devices=jax.devices()[:1])
     q, k, v = inputs(mesh, T // P_, args.heads, args.head_dim, jnp.dtype(args.dtype))
-    fns = shard_programs(args.heads, args.impl)
+    fns = shard_programs(args.heads, args.head_dim, args.impl, P_)
     row = {"devices": P_, "T": T, "tokens_per_device": T // P_, "scan": "emulated", "emulated": True}
     for name, fn in fns.items():
         row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
@@ -143,7 +150,11 @@ def longest_sequence(P_, scan, args, start_T, time_budget_s):
     """
     emulated = scan == "emulated"
     mesh = make_mesh(seq=1 if emulated else P_, devices=jax.devices()[: 1 if emulated else P_])
-    fns = shard_programs(args.heads, args.impl) if emulated else programs(mesh, scan, args.impl)
+    fns = (
+        shard_programs(args.heads, args.head_dim, args.impl, P_)
+        if emulated
+        else programs(mesh, scan, args.impl)
+    )
     shard = P_ if emulated else 1  # one device holds T / shard tokens
     best, T, t0 = None, start_T, time.time()
     failed = None

@@ -154,11 +154,11 @@ def _scan_allgather(a, s, *, axis, num, step, phys, a_pow):
 _SCAN_FNS = {"ring": _scan_ring, "tree": _scan_tree, "allgather": _scan_allgather}
 
 
-def add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, scale):
+def _add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, scale):
     """o_i = o_loc_i + scale * lam^(i+1) q_i S_in for the tokens before the shard's first sequence start.
 
     o_loc, q: [b, n, h, D]; s_in [b, h, Dk, Dv]; proc_pos [n]: each token's position in processing order.
-    (Public to the benchmarks, which time a sequence shard's local work on one device.)
+    Used with packed sequences; without them the incoming state goes into the backend (sequence_shard).
     """
     reach = jnp.where(
         proc_pos[:, None] < first_start, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), 0.0
@@ -214,44 +214,125 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     # Processing order: with reverse=True the recurrence runs from the last shard to the first, so shard
     # r is position P-1-r of the scan; all local work stays in place (the backend runs reverse itself).
     step = num - 1 - rank if plan.reverse else rank
+
+    if cu_seqlens is None:
+        o, s_out = sequence_shard(plan, q, k, v, slopes, initial_state, step)
+        if not plan.return_state:
+            return o
+        # Final state: the last shard's outgoing state, shared with every sequence shard (the output is
+        # replicated over the sequence axis) by a psum of the masked value.
+        return o, jax.lax.psum(jnp.where(step == num - 1, s_out, 0.0), axis)
+
     phys = (lambda i: num - 1 - i) if plan.reverse else (lambda i: i)
     pos = jnp.arange(n)
     proc_pos = n - 1 - pos if plan.reverse else pos  # processing position of each local token
     lam_n = jnp.exp(-slopes * n)[None]  # [1, h]: decay across a whole shard
+    o_loc, fin_loc, a, s_loc, first_start, finish = _packed_local(
+        plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n
+    )
+    # Work order: the local state above, then the scan, then the correction.
+    s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=None)
+    o = _add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, plan.scale)
+    return (o, finish(s_in)) if plan.return_state else o
 
-    if cu_seqlens is None:
-        # The initial state enters at the first shard (in processing order) through its backend call;
-        # the other shards start from zero and get S_in by the scan.
-        init = jnp.where(step == 0, initial_state, 0.0)
-        o_loc, s_loc = backend(init, None)
-        a = lam_n
-        first_start = n  # no sequence starts inside a shard: S_in reaches every token
 
-        def a_pow(c):  # A^c for c whole shards: [*c.shape, 1, h]
-            return jnp.exp(-(slopes * n) * jnp.asarray(c, jnp.float32)[..., None, None])
+# ----------------------------------------------------------------------------------------------------
+# A sequence shard without packed sequences, states first. Forward: the shard's local state from k and v
+# alone (one contraction over its tokens, no kernel), the scan gives S_in, and the backend runs once,
+# from S_in: o and the outgoing state come out of the kernel with no correction pass over q and o.
+# Backward, mirrored: G_loc = dL/dS_in from this shard's own outputs (one contraction over q and dO), the
+# scan in the opposite direction gives D = dL/dS_out, the gradient of the outgoing state through every
+# later shard, and one backward of the backend with that D gives exact dq, dk, dv, d(slopes) and
+# d(initial_state). Why that is exact: S_in(r + 1) = S_out(r), so everything later shards do with this
+# shard's inputs goes through S_out(r), whose gradient D(r) = sum_{r' > r} A^(r'-r-1) G_loc(r') (+ the
+# cotangent of the final state at the last shard) is known before any backend backward runs.
 
-    else:
-        o_loc, fin_loc, a, s_loc, first_start, finish = _packed_local(
-            plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n
+
+def _weighted_states(x, y, weights, precision):
+    """sum_i weights[i, h] x_i^T y_i per head: x [b, n, hx, K], y [b, n, hy, V] (hx, hy dividing h),
+    weights [n, h] float32 -> [b, h, K, V] float32. Heads of x/y are shared by h // hx query heads (GQA)."""
+    b, n, hx, K = x.shape
+    h = weights.shape[1]
+    # x_w [b, n, hx, h // hx, K]: x scaled per query head, in x's dtype (as the kernels round q, k)
+    x_w = x.astype(jnp.float32)[:, :, :, None, :] * weights.reshape(n, hx, h // hx)[None, ..., None]
+    x_w = x_w.astype(x.dtype)
+    if y.shape[2] == h:
+        y = y.reshape(b, n, hx, h // hx, y.shape[3])
+        out = jnp.einsum(
+            "bnjgk,bnjgv->bjgkv", x_w, y, precision=precision, preferred_element_type=jnp.float32
         )
-        a_pow = None
+    else:  # y shared by the group like x
+        out = jnp.einsum("bnjgk,bnjv->bjgkv", x_w, y, precision=precision, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, K, y.shape[-1])
 
-    # Work order: the local state above, then the scan, then the correction; the scan depends only on
-    # the backend's final state (k and v), so an XLA backend can overlap it with its intra-chunk work.
-    s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=a_pow)
 
-    o = add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, plan.scale)
-    if not plan.return_state:
-        return o
+def _shard_frame(plan, slopes, n, step):
+    """Decay across a whole shard A [1, h], A^c for c shards, and each token's processing position."""
+    a = jnp.exp(-slopes * n)[None]
 
-    if cu_seqlens is None:
-        # Final state: the last shard's outgoing state a S_in + S_loc, shared with every sequence shard
-        # (the output is replicated over the sequence axis) by a psum of the masked value.
-        last = a[..., None, None] * s_in + s_loc
-        final = jax.lax.psum(jnp.where(step == num - 1, last, 0.0), axis)
-    else:
-        final = finish(s_in)
-    return o, final
+    def a_pow(c):  # A^c for c whole shards: [*c.shape, 1, h]
+        return jnp.exp(-(slopes * n) * jnp.asarray(c, jnp.float32)[..., None, None])
+
+    pos = jnp.arange(n)
+    proc_pos = (n - 1 - pos if plan.reverse else pos).astype(jnp.float32)
+    return a, a_pow, proc_pos
+
+
+def _scan(plan, a, s, step, a_pow, *, backward):
+    """Exclusive scan over the sequence shards in processing order, or in the opposite order."""
+    num = plan.num_seq
+    mirrored = plan.reverse != backward  # processing position i lives on mesh index num - 1 - i
+    phys = (lambda i: num - 1 - i) if mirrored else (lambda i: i)
+    position = num - 1 - step if backward else step
+    return _SCAN_FNS[plan.scan](a, s, axis=plan.seq_axis, num=num, step=position, phys=phys, a_pow=a_pow)
+
+
+def _backend(plan, q, k, v, slopes, init):
+    return run_backends(
+        plan.implementations, q, k, v, slopes, init, None, scale=plan.scale, reverse=plan.reverse
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def sequence_shard(plan, q, k, v, slopes, initial_state, step):
+    """(o, outgoing state) of the sequence shard at processing position `step` (see the comment above).
+
+    Inside shard_map over plan.seq_axis; `initial_state` enters at step 0. (Public to the benchmarks,
+    which run it on one device with a stand-in scan.)
+    """
+    return _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step)[0]
+
+
+def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
+    n = q.shape[1]
+    a, a_pow, proc_pos = _shard_frame(plan, slopes, n, step)
+    precision = _precision(q.dtype)
+    # S_loc = sum_j lam^(n-1-p_j) k_j^T v_j from zero; shard 0 also carries the initial state through.
+    s_loc = _weighted_states(k, v, jnp.exp(-slopes[None, :] * (n - 1 - proc_pos[:, None])), precision)
+    s_loc = s_loc + jnp.where(step == 0, a[..., None, None] * initial_state, 0.0)
+    s_in = _scan(plan, a, s_loc, step, a_pow, backward=False)
+    init = jnp.where(step == 0, initial_state, s_in)
+    out, backend_vjp = jax.vjp(functools.partial(_backend, plan), q, k, v, slopes, init)
+    return out, (backend_vjp, q, slopes, step)
+
+
+def _sequence_shard_bwd(plan, residuals, cotangents):
+    backend_vjp, q, slopes, step = residuals
+    do, d_final = cotangents  # d_final: nonzero only where the final state is taken (the last shard)
+    n = q.shape[1]
+    a, a_pow, proc_pos = _shard_frame(plan, slopes, n, step)
+    # G_loc = dL/dS_in through this shard's outputs: scale sum_i lam^(p_i+1) q_i^T dO_i
+    g_loc = plan.scale * _weighted_states(
+        q, do, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), _precision(q.dtype)
+    )
+    # D(r) = sum_{r'>r} A^(r'-r-1) (G_loc(r') + A d_final(r')) + d_final(r)
+    d_out = _scan(plan, a, g_loc + a[..., None, None] * d_final, step, a_pow, backward=True) + d_final
+    dq, dk, dv, dslopes, dinit = backend_vjp((do, d_out))
+    # dinit is dL/dS_in of this shard; only shard 0's S_in is the initial state.
+    return dq, dk, dv, dslopes, jnp.where(step == 0, dinit, 0.0), None
+
+
+sequence_shard.defvjp(_sequence_shard_fwd, _sequence_shard_bwd)
 
 
 def _packed_local(plan, backend, q, slopes, initial_state, given_state, cu_seqlens, step, rank, lam_n):
