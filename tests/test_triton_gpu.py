@@ -148,6 +148,25 @@ def test_segment_scan(block_sizes, case, reverse):
     check_against_reference(IMPL, make_inputs(case, with_state=True), case.dtype, reverse=reverse)
 
 
+@pytest.mark.parametrize("case", [Case(B=1, T=700, H=2, Dk=64, Dv=96, dtype=jnp.bfloat16),
+                                  Case(B=2, T=1000, H=4, Hkv=2, Dk=128, Dv=64, dtype=jnp.bfloat16)],
+                         ids=lambda c: c.id)
+@pytest.mark.parametrize("seg_chunks", [None, 1, 3], ids=["unsplit", "seg1", "seg3"])
+@pytest.mark.parametrize("walk", [{}, {"walk_bk": 16, "fwd_bv": 32}], ids=["walk-default", "walk-16x32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+def test_backward_segment_scan(block_sizes, case, seg_chunks, walk, reverse, with_state):
+    """The chunk-parallel backward's G walk, unsplit or cut into segments of 1 or 3-4 chunks (the last
+    one, walked first, shorter; T = 700 and 1000 end in a partial chunk), in its default blocks (Dk = 128:
+    two Dk blocks; Dv = 96: a partial Dv block) or in 16 x 32 blocks: dq, dk, dv, d(slopes), d(initial_state).
+    """
+    if seg_chunks is None:
+        block_sizes(min_programs=1, **walk)
+    else:
+        block_sizes(min_seg_chunks=seg_chunks, seg_below=10**6, min_programs=10**6, **walk)
+    check_against_reference(IMPL, make_inputs(case, with_state=with_state), case.dtype, reverse=reverse)
+
+
 @pytest.mark.parametrize("change", [{"bwd_parallel": False}, {"par_bv": 32}], ids=["sequential", "dv-split"])
 @pytest.mark.parametrize("offsets", [None, [0, 5, 5, 70, 300]], ids=["dense", "varlen"])
 def test_backward_variants(block_sizes, change, offsets):

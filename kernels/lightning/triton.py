@@ -14,7 +14,8 @@ sequence bounds, so packed sequences need no re-layout.
 
 Backward (no per-token state kept; residuals are q, k, v and, for bf16/fp16, S_in of every chunk):
   * chunk-parallel (bf16/fp16, the default): the differentiated forward also stores S_in of every
-    chunk; a light reverse walk (dstate_kernel) stores G = dL/dS_out of every chunk,
+    chunk; a light reverse walk (dstate_kernel; for few (sequence, head) pairs cut into Dk blocks and
+    into segments, see _g_walk) stores G = dL/dS_out of every chunk,
         dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i                  (dS0 at the first chunk)
     and one kernel over all (chunk, head) pairs (bwd_chunk_kernel) does the matrix work:
         dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T)
@@ -55,23 +56,24 @@ class Options:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Dv blocks per program, warps, pipeline stages and the segment rule; chosen by head dim and dtype."""
+    """Block sizes per program, warps, pipeline stages and the segment rule; chosen by head dim and dtype."""
 
     fwd_bv: int
     fwd_warps: int
     bwd_bv: int
     bwd_warps: int
     num_stages: int = 2
-    min_programs: int = 264  # two programs per SM on an H100 (132 SMs)
+    min_programs: int = 224  # programs a segment split may reach, at most (H100 sweep; see _num_segments)
     min_seg_chunks: int = 8  # shortest segment worth a program, in chunks
     seg_below: int = 128  # cut sequences into segments only below this many (seq, head, Dv block) items
     bwd_parallel: bool = True  # chunk-parallel backward (else one sequential dkdv kernel)
     par_bv: int = 64  # Dv block of the chunk-parallel backward kernel
     par_warps: int = 8
     seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
+    walk_bk: int = 64  # Dk block of the backward's G walk when it has few items (see _g_walk)
 
     def __post_init__(self):
-        for name in ("fwd_bv", "bwd_bv", "par_bv"):
+        for name in ("fwd_bv", "bwd_bv", "par_bv", "walk_bk"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
@@ -306,33 +308,48 @@ def _kernels():
 
     @triton.jit
     def dstate_kernel(
-        q_ptr, do_ptr, slope_ptr, dsf_ptr, cu_ptr, coff_ptr,  # inputs
-        gt_ptr, ds0_ptr,  # outputs
+        q_ptr, do_ptr, slope_ptr, g0_ptr, cu_ptr, coff_ptr,  # inputs
+        gt_ptr, gout_ptr,  # outputs
         T: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr, NC_TOTAL: tl.constexpr,
-        REVERSE: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr,
+        REVERSE: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, P: tl.constexpr,
+        TSEG: tl.constexpr, SEG_G0: tl.constexpr, STORE_STATES: tl.constexpr,
     ):
         # The backward state chain alone: walks the chunks last to first and stores G = dL/dS_out of
         # every chunk (gt: [H, NC_TOTAL, DK, DV]); dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i.
+        # Each sequence is cut into P segments of TSEG tokens (as in fwd_kernel); a program walks one
+        # segment backwards and writes the G leaving it at its first chunk (gout: [N, H, P, DK, DV]).
+        # The walk starts from g0: with SEG_G0 one G per segment ([N, H, P, DK, DV]: the segment scan's
+        # second pass), else g0 = dL/dS_final [N, H, DK, DV] feeds the last segment and the others start
+        # from zero. A program owns a [BK, BV] block of G: its rows need only the same columns of q.
         pid_v = tl.program_id(0)
-        pid_nh = tl.program_id(1)
+        pid_k = tl.program_id(1)
+        pid = tl.program_id(2)  # (n * H + h) * P + segment
+        seg = pid % P
+        pid_nh = pid // P
         n = pid_nh // H
         h = pid_nh % H
         NC_PER_SEQ: tl.constexpr = (T + C - 1) // C
         bos, L, coff = _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C, VARLEN)
+        p_lo = seg * TSEG
+        seg_len = tl.minimum(L - p_lo, TSEG)
         neg = -tl.load(slope_ptr + h).to(tl.float32) * 1.4426950408889634
         ii = tl.arange(0, C)
-        rk = tl.arange(0, BK)
+        rk = pid_k * BK + tl.arange(0, BK)
         rv = pid_v * BV + tl.arange(0, BV)
         mk = rk < DK
         mv = rv < DV
         mkv = mk[:, None] & mv[None, :]
         q_decay = tl.exp2((ii + 1).to(tl.float32) * neg)
-        state_off = (n * H + h).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
-        G = tl.load(dsf_ptr + state_off, mask=mkv, other=0.0)
-        num_chunks = tl.cdiv(L, C)
+        tile = rk[:, None] * DV + rv[None, :]
+        state_off = pid.to(tl.int64) * (DK * DV) + tile
+        if SEG_G0:
+            G = tl.load(g0_ptr + state_off, mask=mkv, other=0.0)
+        else:
+            G = tl.load(g0_ptr + pid_nh.to(tl.int64) * (DK * DV) + tile, mask=mkv & (seg == P - 1), other=0.0)
+        num_chunks = tl.cdiv(seg_len, C)
         for cc in range(0, num_chunks):
-            c = num_chunks - 1 - cc
+            c = p_lo // C + num_chunks - 1 - cc
             p = c * C + ii
             valid = p < L
             if REVERSE:
@@ -344,12 +361,13 @@ def _kernels():
                         mask=valid[:, None] & mk[None, :], other=0.0)
             do = tl.load(do_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
                          mask=valid[:, None] & mv[None, :], other=0.0)
-            gt_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
-            tl.store(gt_ptr + gt_off, G.to(gt_ptr.dtype.element_ty), mask=mkv)
+            if STORE_STATES:
+                gt_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + tile
+                tl.store(gt_ptr + gt_off, G.to(gt_ptr.dtype.element_ty), mask=mkv)
             length = tl.minimum(L - c * C, C)
             qd = (q * q_decay[:, None]).to(q.dtype)
             G = tl.exp2(length.to(tl.float32) * neg) * G + SCALE * _dot(tl.trans(qd), do, IEEE)
-        tl.store(ds0_ptr + state_off, G, mask=mkv)
+        tl.store(gout_ptr + state_off, G, mask=mkv)
 
     @triton.jit
     def bwd_chunk_kernel(
@@ -477,15 +495,30 @@ def _layout(cu_seqlens, B, T):
 
 
 def _num_segments(num_items, num_chunks, blocks):
-    """Segments per sequence so that about `blocks.min_programs` programs run at once.
+    """Segments per sequence so that up to `blocks.min_programs` programs run at once.
 
-    Few (sequence, head, Dv block) items leave most SMs idle while each walks a long chain of chunks;
-    cutting sequences into segments costs one extra read of k and v (the states-only pass).
+    Few (sequence, head, block) items leave most SMs idle while each walks a long chain of chunks;
+    cutting sequences into segments costs one extra read of the walk's inputs (the first pass). The
+    forward's time is not monotonic in the count (H100, b1-t32k, 32 items of 512 chunks: 5 segments
+    0.49 ms, 7: 0.38-0.39, 8: 0.49-0.52, 9: 0.44-0.45, 10: 0.44, 11: 0.41, 13: 0.47, 17: 0.46), so the
+    count is capped (rounded down) at the best measured: 224 programs, 7 segments of 32 items.
     """
     if num_items >= min(blocks.min_programs, blocks.seg_below):
         return 1
-    want = -(-blocks.min_programs // num_items)
+    want = blocks.min_programs // num_items
     return max(1, min(want, num_chunks // blocks.min_seg_chunks))
+
+
+def _segments(num_items, T, blocks, split=True):
+    """(P, TSEG): segments per sequence and their length in tokens (a multiple of CHUNK; T if P == 1).
+
+    Every segment but the last in processing order is full; none is empty.
+    """
+    num_chunks = -(-T // CHUNK)
+    P = _num_segments(num_items, num_chunks, blocks) if split else 1
+    seg_chunks = -(-num_chunks // P)
+    P = -(-num_chunks // seg_chunks)
+    return P, (seg_chunks * CHUNK if P > 1 else T)
 
 
 def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_states, out_dtype, blocks,
@@ -500,11 +533,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     BK = _pow2(DK)
     BV = min(bv or blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
-    num_chunks = -(-T // CHUNK)
-    P = 1 if cu_seqlens is not None or states_only else _num_segments(N * H * NV, num_chunks, blocks)
-    seg_chunks = -(-num_chunks // P)
-    P = -(-num_chunks // seg_chunks)  # no empty segments
-    TSEG = seg_chunks * CHUNK if P > 1 else T
+    P, TSEG = _segments(N * H * NV, T, blocks, split=cu_seqlens is None and not states_only)
     dummy = jnp.zeros((1,), jnp.float32)
     st_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV) if store_states else (1,), state_dtype)
     meta = dict(
@@ -613,15 +642,7 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
         _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
                                      store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
                                      state_dtype=state_dtype)
-    BVs = min(blocks.fwd_bv, _pow2(DV))
-    gstates, ds0 = _launch(
-        _kernels()[2], (-(-DV // BVs), N * H), (q, do, slopes, dfinal, cu, coff),
-        (jax.ShapeDtypeStruct((H, nc_total, DK, DV), state_dtype),
-         jax.ShapeDtypeStruct((N, H, DK, DV), jnp.float32)),
-        name="lightning_dstate", num_warps=blocks.fwd_warps, num_stages=blocks.num_stages,
-        T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BVs, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
-        REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=ieee,
-    )
+    gstates, ds0 = _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype)
     if cu_seqlens is None:
         slot_seq = slot_chunk = jnp.zeros((1,), jnp.int32)
     else:
@@ -652,6 +673,58 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
     dslopes = dslope_part.reshape(NV * nc_total, H).sum(0).astype(slopes.dtype)
     ds0 = None if s0 is None else ds0.astype(s0.dtype)
     return dq, dk, dv, dslopes, ds0, None
+
+
+def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
+    """G = dL/dS_out of every chunk [H, NC_TOTAL, DK, DV] and d(initial_state) [N, H, DK, DV] (float32).
+
+    The G chain walked backwards, one program per (sequence, head, Dk block, Dv block). Few such items:
+    the chain is cut into P segments like the forward's state chain (varlen keeps P = 1). G flows from
+    the last chunk to the first, so the last segment (in processing order) is walked first and is the
+    only one that may be short: a first pass starts it from dL/dS_final and the others from zero and
+    writes only the G leaving each segment, G_loc(s). The G entering segment s at its end is G_out(s + 1),
+    the G leaving segment s + 1, and
+        G_out(P - 1) = G_loc(P - 1),   G_out(s) = lam^TSEG G_out(s + 1) + G_loc(s)   (s < P - 1: full)
+    over the P segments in plain JAX; the second pass walks every segment from the G entering it and
+    stores G of every chunk. G_out(0) = d(initial_state). (One pass from zero with the fix-up
+    G += lam^(segment end - chunk end) G_entering done in bwd_chunk_kernel instead was correct but made
+    that kernel ~0.5 ms slower on b1-t32k, H100; likely register pressure from one more float32 tile.)
+    H100, b1-t32k, this walk alone: 0.54 ms unsplit (32 programs of 128 x 64), 0.46 with 9 segments,
+    0.39 in 64 x 64 blocks with 5 segments (the default's 3 were timed only inside fwd+bwd).
+    """
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
+    BV = min(blocks.fwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    # Few (sequence, head, Dv block) items: Dk is cut into blocks too (a block of G needs only its own
+    # columns of q), which shortens each step and multiplies the programs before segments do.
+    few = N * H * NV < blocks.seg_below
+    BK = min(blocks.walk_bk, _pow2(DK)) if few else _pow2(DK)
+    NK = -(-DK // BK)
+    P, TSEG = _segments(N * H * NK * NV, T, blocks, split=cu_seqlens is None)
+    walk = functools.partial(
+        _launch, _kernels()[2], (NV, NK, N * H * P), name="lightning_dstate", num_stages=blocks.num_stages,
+        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
+        REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P,
+        TSEG=TSEG,
+    )
+    gstate_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV), state_dtype)
+    gout_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
+    entering = dfinal
+    if P > 1:
+        no_store = jax.ShapeDtypeStruct((1,), state_dtype)
+        _, g_loc = walk((q, do, slopes, dfinal, cu, coff), (no_store, gout_shape), SEG_G0=False,
+                        STORE_STATES=False)
+        lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]
+        entering = [dfinal, g_loc[:, :, P - 1]]  # G entering segments P - 1, P - 2, ..., 0 at their ends
+        for seg in range(P - 2, 0, -1):
+            entering.append(lam_seg * entering[-1] + g_loc[:, :, seg])
+        entering = jnp.stack(entering[::-1], axis=2)
+    gstates, g_out = walk((q, do, slopes, entering, cu, coff), (gstate_shape, gout_shape), SEG_G0=P > 1,
+                          STORE_STATES=True)
+    return gstates, g_out[:, :, 0]
 
 
 def _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
