@@ -117,12 +117,12 @@ def check_and_derive(
     return slopes, scale, resolve_implementations(implementation)
 
 
-def run_backends(implementations, *args, **kwargs):
-    """Calls the first backend in `implementations` that can serve the call."""
+def run_backends(implementations, *args, function="lightning_attention", **kwargs):
+    """Calls `function` of the first backend in `implementations` that can serve the call."""
     reasons = []
     for name in implementations:
         try:
-            return get_backend(name)(*args, **kwargs)
+            return get_backend(name, function)(*args, **kwargs)
         except NotImplementedError as err:
             reasons.append(f"{name}: {err}")
     raise NotImplementedError("no lightning backend could serve this call:\n  " + "\n  ".join(reasons))
@@ -157,7 +157,7 @@ def lightning_attention(
     slopes, scale, implementations = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=initial_state, cu_seqlens=cu_seqlens, implementation=implementation,
-    )
+    )  # fmt: skip
     if cu_seqlens is not None:
         cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
     o, final_state = run_backends(

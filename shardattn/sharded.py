@@ -248,34 +248,13 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
 # cotangent of the final state at the last shard) is known before any backend backward runs.
 
 
-def _weighted_states(x, y, weights, precision):
-    """sum_i weights[i, h] x_i^T y_i per head: x [b, n, hx, K], y [b, n, hy, V] (hx, hy dividing h),
-    weights [n, h] float32 -> [b, h, K, V] float32. Heads of x/y are shared by h // hx query heads (GQA)."""
-    b, n, hx, K = x.shape
-    h = weights.shape[1]
-    # x_w [b, n, hx, h // hx, K]: x scaled per query head, in x's dtype (as the kernels round q, k)
-    x_w = x.astype(jnp.float32)[:, :, :, None, :] * weights.reshape(n, hx, h // hx)[None, ..., None]
-    x_w = x_w.astype(x.dtype)
-    if y.shape[2] == h:
-        y = y.reshape(b, n, hx, h // hx, y.shape[3])
-        out = jnp.einsum(
-            "bnjgk,bnjgv->bjgkv", x_w, y, precision=precision, preferred_element_type=jnp.float32
-        )
-    else:  # y shared by the group like x
-        out = jnp.einsum("bnjgk,bnjv->bjgkv", x_w, y, precision=precision, preferred_element_type=jnp.float32)
-    return out.reshape(b, h, K, y.shape[-1])
-
-
-def _shard_frame(plan, slopes, n, step):
-    """Decay across a whole shard A [1, h], A^c for c shards, and each token's processing position."""
-    a = jnp.exp(-slopes * n)[None]
+def _shard_decay(slopes, n):
+    """Decay across a whole shard of n tokens, A [1, h], and A^c for c shards."""
 
     def a_pow(c):  # A^c for c whole shards: [*c.shape, 1, h]
         return jnp.exp(-(slopes * n) * jnp.asarray(c, jnp.float32)[..., None, None])
 
-    pos = jnp.arange(n)
-    proc_pos = (n - 1 - pos if plan.reverse else pos).astype(jnp.float32)
-    return a, a_pow, proc_pos
+    return jnp.exp(-slopes * n)[None], a_pow
 
 
 def _scan(plan, a, s, step, a_pow, *, backward):
@@ -285,6 +264,12 @@ def _scan(plan, a, s, step, a_pow, *, backward):
     phys = (lambda i: num - 1 - i) if mirrored else (lambda i: i)
     position = num - 1 - step if backward else step
     return _SCAN_FNS[plan.scan](a, s, axis=plan.seq_axis, num=num, step=position, phys=phys, a_pow=a_pow)
+
+
+def _state_function(plan, function, *args, **kwargs):
+    # The backend's own local_state / state_gradient when it has them, else xla.py's (pure JAX).
+    names = plan.implementations + (() if "xla" in plan.implementations else ("xla",))
+    return run_backends(names, *args, function=function, **kwargs)
 
 
 def _backend(plan, q, k, v, slopes, init):
@@ -304,11 +289,9 @@ def sequence_shard(plan, q, k, v, slopes, initial_state, step):
 
 
 def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
-    n = q.shape[1]
-    a, a_pow, proc_pos = _shard_frame(plan, slopes, n, step)
-    precision = _precision(q.dtype)
+    a, a_pow = _shard_decay(slopes, q.shape[1])
     # S_loc = sum_j lam^(n-1-p_j) k_j^T v_j from zero; shard 0 also carries the initial state through.
-    s_loc = _weighted_states(k, v, jnp.exp(-slopes[None, :] * (n - 1 - proc_pos[:, None])), precision)
+    s_loc = _state_function(plan, "local_state", k, v, slopes, reverse=plan.reverse)
     s_loc = s_loc + jnp.where(step == 0, a[..., None, None] * initial_state, 0.0)
     s_in = _scan(plan, a, s_loc, step, a_pow, backward=False)
     init = jnp.where(step == 0, initial_state, s_in)
@@ -319,12 +302,9 @@ def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
 def _sequence_shard_bwd(plan, residuals, cotangents):
     backend_vjp, q, slopes, step = residuals
     do, d_final = cotangents  # d_final: nonzero only where the final state is taken (the last shard)
-    n = q.shape[1]
-    a, a_pow, proc_pos = _shard_frame(plan, slopes, n, step)
+    a, a_pow = _shard_decay(slopes, q.shape[1])
     # G_loc = dL/dS_in through this shard's outputs: scale sum_i lam^(p_i+1) q_i^T dO_i
-    g_loc = plan.scale * _weighted_states(
-        q, do, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), _precision(q.dtype)
-    )
+    g_loc = _state_function(plan, "state_gradient", q, do, slopes, scale=plan.scale, reverse=plan.reverse)
     # D(r) = sum_{r'>r} A^(r'-r-1) (G_loc(r') + A d_final(r')) + d_final(r)
     d_out = _scan(plan, a, g_loc + a[..., None, None] * d_final, step, a_pow, backward=True) + d_final
     dq, dk, dv, dslopes, dinit = backend_vjp((do, d_out))

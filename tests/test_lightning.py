@@ -254,3 +254,32 @@ def test_backward_memory_is_linear_in_sequence():
     per_token_states = B * T * H * D * D * 4  # what a naive scan would keep: 16x qkv_bytes at D = 64
     assert temp < 6 * qkv_bytes, f"temp {temp / 2**20:.0f} MiB >= 6 x qkv {qkv_bytes / 2**20:.0f} MiB"
     assert temp < per_token_states / 4
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two state functions of sequence parallelism (reference.py: local_state, state_gradient).
+
+STATE_CASES = [
+    Case(B=2, T=63, H=4, Dk=16, Dv=32),
+    Case(B=1, T=130, H=4, Hkv=2, Dk=16),
+    Case(B=2, T=70, H=4, Hkv=1, Dk=32, dtype=jnp.bfloat16),
+]
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: c.id)
+def test_state_functions(case, reverse):
+    from shardattn.kernels.lightning import xla
+
+    x = make_inputs(case)
+    q, k, v, slopes = x["q"], x["k"], x["v"], x["slopes"]
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape[:3] + (v.shape[3],)).astype(case.dtype)
+    tol = tolerance(case.dtype)
+    expected_local = reference.local_state(k, v, slopes, reverse=reverse)
+    expected_grad = reference.state_gradient(q, do, slopes, scale=SCALE, reverse=reverse)
+    assert_close("local_state", xla.local_state(k, v, slopes, reverse=reverse), expected_local, tol)
+    assert_close("state_gradient", xla.state_gradient(q, do, slopes, scale=SCALE, reverse=reverse),
+                 expected_grad, tol)  # fmt: skip
+    # The contract itself: the final state from zero (the other, d(initial_state), is a vjp by definition).
+    _, final = reference.lightning_attention(q, k, v, slopes, scale=SCALE, reverse=reverse)
+    assert_close("reference local_state", expected_local, final, 1e-6)

@@ -10,10 +10,11 @@ import importlib
 BACKENDS = {"reference": "reference", "xla": "xla", "triton": "triton", "pallas": "pallas_tpu"}
 
 
-def get_backend(name: str):
-    """Returns the `lightning_attention` function of backend `name`.
+def get_backend(name: str, function: str = "lightning_attention"):
+    """Returns `function` (see reference.py) of backend `name`.
 
-    Raises NotImplementedError when the backend cannot be imported on this installation.
+    Raises NotImplementedError when the backend cannot be imported on this installation or lacks the
+    (optional) function.
     """
     if name not in BACKENDS:
         raise ValueError(f"implementation={name!r} is not one of {tuple(BACKENDS)}")
@@ -21,4 +22,6 @@ def get_backend(name: str):
         module = importlib.import_module(f"{__name__}.{BACKENDS[name]}")
     except ModuleNotFoundError as err:
         raise NotImplementedError(f"backend {name!r} is not available here: {err}") from err
-    return module.lightning_attention
+    if not hasattr(module, function):
+        raise NotImplementedError(f"backend {name!r} has no {function}")
+    return getattr(module, function)

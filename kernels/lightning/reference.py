@@ -19,6 +19,14 @@ Every backend in this folder has this module's signature:
         differentiable in q, k, v, slopes and initial_state.
 Arguments arrive checked by the API layer (shardattn.lightning); backends do not re-validate them, but a
 backend that cannot serve a call raises NotImplementedError saying why.
+
+Two more functions serve sequence parallelism (shardattn.sharded), values only, never differentiated,
+no cu_seqlens; a backend may leave them out (then xla.py's are used):
+
+    local_state(k, v, slopes, *, reverse=False) -> [B, H, Dk, Dv] float32
+        the final state from a zero initial state: sum_j lam^(T-1-p_j) k_j^T v_j (p: processing position)
+    state_gradient(q, do, slopes, *, scale, reverse=False) -> [B, H, Dk, Dv] float32
+        d(initial_state) under the cotangent (do, 0): scale * sum_i lam^(p_i+1) q_i^T do_i
 """
 
 import jax
@@ -78,3 +86,20 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     if reverse:
         o = jnp.flip(o, axis=1)
     return o.astype(out_dtype), final
+
+
+def local_state(k, v, slopes, *, reverse=False):
+    B, T, _, Dk = k.shape
+    q = jnp.zeros((B, T, slopes.shape[0], Dk), jnp.float32)  # o is not needed, only the state
+    return lightning_attention(q, k, v, slopes, scale=1.0, reverse=reverse)[1]
+
+
+def state_gradient(q, do, slopes, *, scale, reverse=False):
+    B, T, H, Dk = q.shape
+    k = jnp.zeros((B, T, H, Dk), jnp.float32)  # the gradient of the initial state needs neither k nor v
+    v = jnp.zeros((B, T, H, do.shape[-1]), jnp.float32)
+    s0 = jnp.zeros((B, H, Dk, do.shape[-1]), jnp.float32)
+    _, pullback = jax.vjp(
+        lambda s0: lightning_attention(q, k, v, slopes, s0, scale=scale, reverse=reverse), s0
+    )
+    return pullback((do, jnp.zeros_like(s0)))[0]

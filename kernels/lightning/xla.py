@@ -162,3 +162,41 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
         final_state = jnp.where((seq_len > 0)[:, None, None, None, None], ends, initial_state)
 
     return o.astype(out_dtype), final_state.reshape(num_states, H, Dk, Dv)
+
+
+# ---- sequence parallelism (reference.py: local_state, state_gradient): one weighted contraction each
+
+
+def _weighted_states(x, y, weights, precision):
+    """sum_i weights[i, h] x_i^T y_i per head: x [B, T, hx, K], y [B, T, hy, V] with hy in {hx, H},
+    weights [T, H] float32 -> [B, H, K, V] float32. x's heads are shared by H // hx query heads (GQA)."""
+    B, T, hx, K = x.shape
+    H = weights.shape[1]
+    # x scaled per query head, rounded back to x's dtype as the chunked kernels round their operands
+    x_w = x.astype(jnp.float32)[:, :, :, None, :] * weights.reshape(T, hx, H // hx)[None, ..., None]
+    x_w = x_w.astype(x.dtype)
+    if y.shape[2] == H:
+        y = y.reshape(B, T, hx, H // hx, y.shape[3])
+        spec = "btjgk,btjgv->bjgkv"
+    else:  # y shared by the group like x
+        spec = "btjgk,btjv->bjgkv"
+    out = jnp.einsum(spec, x_w, y, precision=precision, preferred_element_type=jnp.float32)
+    return out.reshape(B, H, K, y.shape[-1])
+
+
+def _processing_position(T, reverse):
+    pos = jnp.arange(T, dtype=jnp.float32)
+    return T - 1 - pos if reverse else pos
+
+
+def local_state(k, v, slopes, *, reverse=False):
+    T = k.shape[1]
+    p = _processing_position(T, reverse)
+    weights = jnp.exp(-slopes[None, :].astype(jnp.float32) * (T - 1 - p[:, None]))  # [T, H]
+    return _weighted_states(k, v, weights, _matmul_precision(k.dtype))
+
+
+def state_gradient(q, do, slopes, *, scale, reverse=False):
+    p = _processing_position(q.shape[1], reverse)
+    weights = jnp.exp(-slopes[None, :].astype(jnp.float32) * (p[:, None] + 1.0))
+    return scale * _weighted_states(q, do, weights, _matmul_precision(q.dtype))
