@@ -1,19 +1,21 @@
 """Lightning attention on a device mesh: batch-, head- and sequence-parallel, one global-view function.
 
 Batch and head shards need no communication. Sequence shards (DESIGN.md, "Sequence parallelism: the
-state scan") run the per-device backend with a zero incoming state, giving o_loc and the local final state
-S_loc(r); an exclusive scan across the sequence axis of the pairs (a_r, S_loc(r)), a_r = lam^n, under
+state scan") need the state S_in(r) entering shard r: an exclusive scan across the sequence axis of the
+pairs (a_r, S_loc(r)), a_r = lam^n (n tokens per shard) and S_loc(r) the shard's own final state from
+zero, under
 
-    (a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2)
+    (a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2).
 
-gives each shard its incoming state S_in(r), and the output gets the correction
+Without packed sequences the work is ordered states first (`sequence_shard`): S_loc from k and v alone
+(the backend's `local_state`), the scan, then the backend once from S_in, so the kernel itself adds
+scale * lam^(i+1) q_i S_in and no pass over q and o is added. The backward pass is the mirror image:
+the state gradient from q and dO (`state_gradient`), the scan in the opposite direction, one backend
+backward. With packed sequences a shard runs the backend from zero and adds that term to the tokens
+before its first sequence start afterwards.
 
-    o_i += scale * lam^(i+1) q_i S_in(r)        (i: position in the shard, in processing order).
-
-Only the [b, h, Dk, Dv] states (and [h] decays) move between devices; q, k, v and o never do. The
-backward pass is JAX's transpose of the same collectives (ppermute -> the reversed ppermute,
-all_gather -> reduce-scatter), i.e. the mirrored scan of dS in the other direction, so every gradient
-(q, k, v, initial_state, slopes) is exact.
+Only the [b, h, Dk, Dv] states (and, with packed sequences, [h] decays) move between devices; q, k, v
+and o never do. Every gradient (q, k, v, initial_state, slopes) is exact.
 
 Three scans, all exact:
 - "ring": P-1 rounds of ppermute of the state to the next shard (LASP).
@@ -98,9 +100,9 @@ def _combine(first, second):
 
 
 def _scan_ring(a, s, *, axis, num, step, phys, a_pow):
-    # After round t, shards 0..t hold their exact S_in (shard 0 receives nothing, i.e. zeros = S_in(0):
-    # the initial state entered through shard 0's backend call instead). P-1 dependent rounds; a Python
-    # loop so that XLA sees every round (P is small).
+    # After round t, shards 0..t hold their exact S_in (shard 0 receives nothing, i.e. zeros: the initial
+    # state enters through shard 0's backend call, and is in the S it sends on). P-1 dependent rounds;
+    # a Python loop so that XLA sees every round (P is small).
     perm = [(phys(i), phys(i + 1)) for i in range(num - 1)]
     s_in = jnp.zeros_like(s)  # zeros_like keeps s's varying axes (check_vma)
     for _ in range(num - 1):
