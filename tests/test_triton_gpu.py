@@ -4,11 +4,13 @@ Skipped off-GPU by tests/conftest.py (the `gpu` marker). Run on the GPU machine 
 `python3 -m pytest -m gpu tests/test_triton_gpu.py -q`.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import Case, assert_close, make_inputs
+from helpers import Case, assert_close, make_inputs, tolerance
 from test_lightning import check_against_reference, run_with_grads
 
 import shardattn
@@ -227,3 +229,72 @@ def test_sharded_lightning_on_one_gpu_equals_kernel():
                                             implementation=IMPL)
     o_bare = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], implementation=IMPL)
     np.testing.assert_array_equal(np.asarray(o_sharded, np.float32), np.asarray(o_bare, np.float32))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two state functions of sequence parallelism (reference.py: local_state, state_gradient).
+
+STATE_CASES = [
+    Case(B=2, T=500, H=4, Dk=64),
+    Case(B=1, T=300, H=8, Hkv=2, Dk=64, Dv=48),  # GQA
+    Case(B=2, T=130, H=4, Hkv=2, Dk=128, Dv=64, dtype=jnp.bfloat16),  # GQA 4/2, Dk = 128
+    Case(B=1, T=1000, H=4, Hkv=1, Dk=48, Dv=100, dtype=jnp.bfloat16),  # MQA, partial Dk / Dv blocks
+]
+STATE_SEGMENTS = {
+    "default": {},
+    "seg1": {"min_seg_chunks": 1, "state_programs": 10**6},
+    "seg3-16x32": {"min_seg_chunks": 3, "state_programs": 10**6, "state_bk": 16, "fwd_bv": 32},
+}
+
+
+@pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("segments", STATE_SEGMENTS.values(), ids=STATE_SEGMENTS.keys())
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_state_functions(block_sizes, case, segments, reverse):
+    """local_state and state_gradient against the reference: default segments (unsplit, or 2 segments at
+    T = 1000), 1-chunk segments, segments of 3-4 chunks in 16 x 32 blocks (Dv blocks of the states-only
+    walk, Dk x Dv blocks of G: Dk = 48 and 128 split in 3 and 8). Every T ends in a partial chunk, so the
+    last segment is short."""
+    from shardattn.kernels.lightning import reference
+    from shardattn.kernels.lightning import triton as backend
+
+    block_sizes(**segments)
+    x = make_inputs(case)
+    q, k, v, slopes = x["q"], x["k"], x["v"], x["slopes"]
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape[:3] + (v.shape[3],)).astype(case.dtype)
+    tol = tolerance(case.dtype)
+    got = jax.jit(functools.partial(backend.local_state, reverse=reverse))(k, v, slopes)
+    assert_close("local_state", got, reference.local_state(k, v, slopes, reverse=reverse), tol)
+    got = jax.jit(functools.partial(backend.state_gradient, scale=0.3, reverse=reverse))(q, do, slopes)
+    want = reference.state_gradient(q, do, slopes, scale=0.3, reverse=reverse)
+    assert_close("state_gradient", got, want, tol)
+
+
+def test_state_functions_inside_shard_map():
+    """Under shard_map(check_vma=True) both results vary like their inputs (out_specs say so) and equal
+    the bare calls (a mesh axis of size 1 still makes the sharded inputs vary over it)."""
+    from jax.sharding import PartitionSpec as P
+
+    from shardattn.kernels.lightning import triton as backend
+
+    case = Case(B=2, T=500, H=4, Hkv=2, Dk=64, dtype=jnp.bfloat16)
+    x = make_inputs(case)
+    q, k, v, slopes = x["q"], x["k"], x["v"], x["slopes"]
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape).astype(case.dtype)
+    mesh = jax.make_mesh((1, 1), ("data", "seq"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    spec = P("data", "seq", None, None)
+
+    def both(q, k, v, do, slopes):
+        return (
+            backend.local_state(k, v, slopes, reverse=True),
+            backend.state_gradient(q, do, slopes, scale=0.5, reverse=True),
+        )
+
+    sharded = jax.shard_map(
+        both, mesh=mesh, in_specs=(spec, spec, spec, spec, P()), out_specs=(P("data", "seq"),) * 2,
+        check_vma=True,
+    )  # fmt: skip
+    got = jax.jit(sharded)(q, k, v, do, slopes)
+    want = jax.jit(both)(q, k, v, do, slopes)
+    for name, a, b in zip(["local_state", "state_gradient"], got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)

@@ -32,6 +32,9 @@ Backward (no per-token state kept; residuals are q, k, v and, for bf16/fp16, S_i
         S_in carried to S_out: -l lam^l <G, S_in>
     (A closed form over global positions, sum_i i dO_i.o_i - sum_j j dk_j.k_j, cancels catastrophically
     in bf16: two O(T) sums whose difference is O(1/slope).)
+
+Sequence parallelism (reference.py's local_state, state_gradient; values only): the forward's states-only
+walk over k, v and the G walk's first pass over q, dO, every segment from zero, weighted and summed in JAX.
 """
 
 import dataclasses
@@ -71,11 +74,13 @@ class BlockSizes:
     par_warps: int = 8
     seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
     walk_bk: int = 64  # Dk block of the backward's G walk when it has few items (see _g_walk)
+    state_programs: int = 256  # programs local_state / state_gradient cut segments for, at most (H100 sweep)
+    state_bk: int = 0  # Dk block of state_gradient's walk (0: all of Dk; a split did not pay on the H100)
 
     def __post_init__(self):
-        for name in ("fwd_bv", "bwd_bv", "par_bv", "walk_bk"):
+        for name in ("fwd_bv", "bwd_bv", "par_bv", "walk_bk", "state_bk"):
             value = getattr(self, name)
-            if value < 16 or value & (value - 1):
+            if (value < 16 or value & (value - 1)) and not (name == "state_bk" and value == 0):
                 raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
 
     @staticmethod
@@ -313,7 +318,7 @@ def _kernels():
         T: tl.constexpr, H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr,
         BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr, NC_TOTAL: tl.constexpr,
         REVERSE: tl.constexpr, VARLEN: tl.constexpr, IEEE: tl.constexpr, P: tl.constexpr,
-        TSEG: tl.constexpr, SEG_G0: tl.constexpr, STORE_STATES: tl.constexpr,
+        TSEG: tl.constexpr, SEG_G0: tl.constexpr, HAS_G0: tl.constexpr, STORE_STATES: tl.constexpr,
     ):
         # The backward state chain alone: walks the chunks last to first and stores G = dL/dS_out of
         # every chunk (gt: [H, NC_TOTAL, DK, DV]); dL/dS_in = lam^l G + scale sum_i lam^(i+1) q_i^T dO_i.
@@ -321,7 +326,8 @@ def _kernels():
         # segment backwards and writes the G leaving it at its first chunk (gout: [N, H, P, DK, DV]).
         # The walk starts from g0: with SEG_G0 one G per segment ([N, H, P, DK, DV]: the segment scan's
         # second pass), else g0 = dL/dS_final [N, H, DK, DV] feeds the last segment and the others start
-        # from zero. A program owns a [BK, BV] block of G: its rows need only the same columns of q.
+        # from zero (every segment from zero without HAS_G0: state_gradient). A program owns a [BK, BV]
+        # block of G: its rows need only the same columns of q.
         pid_v = tl.program_id(0)
         pid_k = tl.program_id(1)
         pid = tl.program_id(2)  # (n * H + h) * P + segment
@@ -345,8 +351,10 @@ def _kernels():
         state_off = pid.to(tl.int64) * (DK * DV) + tile
         if SEG_G0:
             G = tl.load(g0_ptr + state_off, mask=mkv, other=0.0)
-        else:
+        elif HAS_G0:
             G = tl.load(g0_ptr + pid_nh.to(tl.int64) * (DK * DV) + tile, mask=mkv & (seg == P - 1), other=0.0)
+        else:
+            G = tl.zeros([BK, BV], dtype=tl.float32)
         num_chunks = tl.cdiv(seg_len, C)
         for cc in range(0, num_chunks):
             c = p_lo // C + num_chunks - 1 - cc
@@ -494,7 +502,7 @@ def _layout(cu_seqlens, B, T):
     return N, -(-T // C) + N, cu, coff
 
 
-def _num_segments(num_items, num_chunks, blocks):
+def _num_segments(num_items, num_chunks, blocks, programs=None):
     """Segments per sequence so that up to `blocks.min_programs` programs run at once.
 
     Few (sequence, head, block) items leave most SMs idle while each walks a long chain of chunks;
@@ -502,20 +510,24 @@ def _num_segments(num_items, num_chunks, blocks):
     forward's time is not monotonic in the count (H100, b1-t32k, 32 items of 512 chunks: 5 segments
     0.49 ms, 7: 0.38-0.39, 8: 0.49-0.52, 9: 0.44-0.45, 10: 0.44, 11: 0.41, 13: 0.47, 17: 0.46), so the
     count is capped (rounded down) at the best measured: 224 programs, 7 segments of 32 items.
+    `programs` given (local_state, state_gradient: segments are independent there, no scan over them
+    in a kernel) replaces both min_programs and seg_below.
     """
-    if num_items >= min(blocks.min_programs, blocks.seg_below):
-        return 1
-    want = blocks.min_programs // num_items
+    if programs is None:
+        if num_items >= min(blocks.min_programs, blocks.seg_below):
+            return 1
+        programs = blocks.min_programs
+    want = programs // num_items
     return max(1, min(want, num_chunks // blocks.min_seg_chunks))
 
 
-def _segments(num_items, T, blocks, split=True):
+def _segments(num_items, T, blocks, split=True, programs=None):
     """(P, TSEG): segments per sequence and their length in tokens (a multiple of CHUNK; T if P == 1).
 
     Every segment but the last in processing order is full; none is empty.
     """
     num_chunks = -(-T // CHUNK)
-    P = _num_segments(num_items, num_chunks, blocks) if split else 1
+    P = _num_segments(num_items, num_chunks, blocks, programs) if split else 1
     seg_chunks = -(-num_chunks // P)
     P = -(-num_chunks // seg_chunks)
     return P, (seg_chunks * CHUNK if P > 1 else T)
@@ -708,7 +720,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
         num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
         T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
         REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P,
-        TSEG=TSEG,
+        TSEG=TSEG, HAS_G0=True,
     )
     gstate_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV), state_dtype)
     gout_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
@@ -787,3 +799,131 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     if initial_state is not None:
         initial_state = match_varying(initial_state.astype(jnp.float32), q)
     return _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts)
+
+
+# ------------------------------------------------------------------ sequence parallelism (reference.py)
+# Values only (they run inside shardattn.sharded's custom_vjp rules). A sequence is cut into P segments
+# that are all walked from zero, in parallel; the P local results are then weighted and summed in JAX
+# (a few MB of float32 states, no scan). Outputs vary like the inputs inside shard_map (_launch).
+
+
+def _segment_weights(slopes, exponents):
+    """lam_h^e for every segment's exponent e: [1, H, P, 1, 1] float32 (e static, exact in float32)."""
+    e = jnp.asarray(exponents, jnp.float32)
+    return jnp.exp(-slopes[:, None] * e[None, :])[None, :, :, None, None]
+
+
+def local_state(k, v, slopes, *, reverse=False):
+    """sum_j lam^(T-1-p_j) k_j^T v_j per query head from zero: [B, H, Dk, Dv] float32 (reference.py).
+
+    k: [B, T, Hkv, Dk]  v: [B, T, Hkv, Dv]  slopes: [H]. The forward kernel's states-only walk (k, v
+    read once), each segment from zero; S = sum_s lam^(tokens after segment s) S_seg(s).
+    """
+    _check_supported(k, k, v)
+    blocks = BlockSizes.get_default(k.shape[3], v.shape[3], k.dtype)
+    return _local_state(k, v, jnp.asarray(slopes, jnp.float32), bool(reverse), blocks)
+
+
+def _local_state(k, v, slopes, reverse, blocks):
+    B, T, HKV, DK = k.shape
+    H, DV = slopes.shape[0], v.shape[3]
+    N, nc_total, cu, coff = _layout(None, B, T)
+    BV = min(blocks.fwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    P, TSEG = _segments(N * H * NV, T, blocks, programs=blocks.state_programs)
+    dummy = jnp.zeros((1,), jnp.float32)  # q (never read with STATES_ONLY), s0
+    _, s_seg, _ = _launch(
+        _kernels()[0],
+        (NV, N * H * P),
+        (dummy, k, v, slopes, dummy, cu, coff),
+        (
+            jax.ShapeDtypeStruct((1,), k.dtype),
+            jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
+            jax.ShapeDtypeStruct((1,), jnp.float32),
+        ),
+        name="lightning_local_state",
+        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_stages=blocks.num_stages,
+        T=T,
+        H=H,
+        HKV=HKV,
+        DK=DK,
+        DV=DV,
+        BK=_pow2(DK),
+        BV=BV,
+        C=CHUNK,
+        SCALE=1.0,
+        NC_TOTAL=nc_total,
+        REVERSE=reverse,
+        VARLEN=False,
+        IEEE=k.dtype == jnp.float32,
+        P=P,
+        TSEG=TSEG,
+        HAS_S0=False,
+        STORE_STATES=False,
+        STATES_ONLY=True,
+    )
+    if P == 1:
+        return s_seg[:, :, 0]
+    after = [T - min((s + 1) * TSEG, T) for s in range(P)]  # tokens processed after segment s (last: 0)
+    return jnp.sum(_segment_weights(slopes, after) * s_seg, axis=2)
+
+
+def state_gradient(q, do, slopes, *, scale, reverse=False):
+    """scale * sum_i lam^(p_i+1) q_i^T dO_i per head: [B, H, Dk, Dv] float32 (reference.py).
+
+    q: [B, T, H, Dk]  do: [B, T, H, Dv] (cast to q's dtype, as the backward does). The G walk's first
+    pass (dstate_kernel: q, dO read once, no per-chunk G), every segment from zero;
+    G = sum_s lam^(tokens before segment s) G_seg(s).
+    """
+    do = do.astype(q.dtype)
+    _check_supported(q, q, do)
+    blocks = BlockSizes.get_default(q.shape[3], do.shape[3], q.dtype)
+    return _state_gradient(q, do, jnp.asarray(slopes, jnp.float32), float(scale), bool(reverse), blocks)
+
+
+def _state_gradient(q, do, slopes, scale, reverse, blocks):
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    N, nc_total, cu, coff = _layout(None, B, T)
+    BV = min(blocks.fwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    # [Dk, BV] blocks of G, the forward walk's tiles (a Dk split as in _g_walk was slower here: b1-t32k
+    # and b1-t128k, H100, 256 programs); segments supply the parallelism.
+    BK = min(blocks.state_bk, _pow2(DK)) if blocks.state_bk else _pow2(DK)
+    NK = -(-DK // BK)
+    P, TSEG = _segments(N * H * NK * NV, T, blocks, programs=blocks.state_programs)
+    dummy = jnp.zeros((1,), jnp.float32)  # g0 (never read without SEG_G0 / HAS_G0)
+    _, g_seg = _launch(
+        _kernels()[2],
+        (NV, NK, N * H * P),
+        (q, do, slopes, dummy, cu, coff),
+        (
+            jax.ShapeDtypeStruct((1,), jnp.float32),
+            jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
+        ),
+        name="lightning_state_gradient",
+        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_stages=blocks.num_stages,
+        T=T,
+        H=H,
+        DK=DK,
+        DV=DV,
+        BK=BK,
+        BV=BV,
+        C=CHUNK,
+        SCALE=scale,
+        NC_TOTAL=nc_total,
+        REVERSE=reverse,
+        VARLEN=False,
+        IEEE=q.dtype == jnp.float32,
+        P=P,
+        TSEG=TSEG,
+        SEG_G0=False,
+        HAS_G0=False,
+        STORE_STATES=False,
+    )
+    if P == 1:
+        return g_seg[:, :, 0]
+    before = [s * TSEG for s in range(P)]  # tokens processed before segment s
+    return jnp.sum(_segment_weights(slopes, before) * g_seg, axis=2)
