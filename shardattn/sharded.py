@@ -287,16 +287,23 @@ def sequence_shard(plan, q, k, v, slopes, initial_state, step):
     Inside shard_map over plan.seq_axis; `initial_state` enters at step 0. (Public to the benchmarks,
     which run it on one device with a stand-in scan.)
     """
-    return _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step)[0]
+    return _backend(plan, q, k, v, slopes, _incoming_state(plan, k, v, slopes, initial_state, step))
 
 
-def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
-    a, a_pow = _shard_decay(slopes, q.shape[1])
+def _incoming_state(plan, k, v, slopes, initial_state, step):
+    """The state this shard's backend call starts from: the initial state at step 0, else S_in."""
+    a, a_pow = _shard_decay(slopes, k.shape[1])
     # S_loc = sum_j lam^(n-1-p_j) k_j^T v_j from zero; shard 0 also carries the initial state through.
     s_loc = _state_function(plan, "local_state", k, v, slopes, reverse=plan.reverse)
     s_loc = s_loc + jnp.where(step == 0, a[..., None, None] * initial_state, 0.0)
     s_in = _scan(plan, a, s_loc, step, a_pow, backward=False)
-    init = jnp.where(step == 0, initial_state, s_in)
+    return jnp.where(step == 0, initial_state, s_in)
+
+
+def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
+    # Under differentiation only (a plain forward runs sequence_shard itself, whose backend call keeps
+    # nothing for a backward pass).
+    init = _incoming_state(plan, k, v, slopes, initial_state, step)
     out, backend_vjp = jax.vjp(functools.partial(_backend, plan), q, k, v, slopes, init)
     return out, (backend_vjp, q, slopes, step)
 
