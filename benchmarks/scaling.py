@@ -21,6 +21,7 @@ Prints a table, writes JSON (and a PNG plot when matplotlib is present).
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -173,6 +174,20 @@ def longest_sequence(P_, scan, args, start_T, time_budget_s):
     return {**(best or {"devices": P_, "scan": scan}), "first_out_of_memory_T": failed}
 
 
+def longest_in_child(P_, scan, args, start_T, time_budget_s):
+    """longest_sequence in a fresh process: after an out-of-memory error the allocator of the process that
+    saw it can fail smaller sizes too (seen on an H200), so every search starts clean."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--longest-child", f"{P_},{scan},{start_T}",
+           "--longest-budget-s", str(time_budget_s), "--heads", str(args.heads), "--head-dim",
+           str(args.head_dim), "--dtype", args.dtype] + (["--impl", args.impl] if args.impl else []) + (
+           ["--smoke"] if args.smoke else [])  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=time_budget_s + 600)
+    for line in proc.stdout.splitlines():
+        if line.startswith("LONGEST_JSON "):
+            return json.loads(line[len("LONGEST_JSON ") :])
+    raise RuntimeError(f"longest-sequence search failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -187,12 +202,18 @@ def main():
     parser.add_argument("--impl", default=None, help="per-device backend (default: the platform's best)")
     parser.add_argument("--longest", action="store_true", help="also find the longest sequence that fits")
     parser.add_argument("--longest-budget-s", type=float, default=120.0)
+    parser.add_argument("--longest-child", default=None, help=argparse.SUPPRESS)  # "P,scan,start_T"
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--emulate", default="", help="shard counts P to emulate on one device, e.g. 2,8")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on 8 fake CPU devices")
     parser.add_argument("--out", default=None, help="JSON path")
     args = parser.parse_args()
+    if args.longest_child:  # one search, in this (fresh) process; see longest_in_child
+        P_, scan, start_T = args.longest_child.split(",")
+        found = longest_sequence(int(P_), scan, args, int(start_T), args.longest_budget_s)
+        print("LONGEST_JSON " + json.dumps(found), flush=True)
+        return
     if args.smoke:
         args.weak, args.strong, args.heads, args.head_dim, args.dtype = "256", "1024", 2, 16, "float32"
         args.warmup, args.repeats = 1, 2
@@ -225,10 +246,10 @@ def main():
     if args.longest:
         for c in counts:
             for scan in scans if c > 1 else scans[:1]:
-                longest.append(longest_sequence(c, scan, args, 1 << 18, args.longest_budget_s))
+                longest.append(longest_in_child(c, scan, args, 1 << 18, args.longest_budget_s))
                 print(longest[-1], flush=True)
         for c in emulate:
-            longest.append(longest_sequence(c, "emulated", args, 1 << 18, args.longest_budget_s))
+            longest.append(longest_in_child(c, "emulated", args, 1 << 18, args.longest_budget_s))
             print(longest[-1], flush=True)
 
     # Efficiency / speed-up against the one-device time of the same size class.
@@ -292,14 +313,14 @@ def plot(result, path):
         return
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, kind, key in ((axes[0], "weak", "efficiency_fwdbwd"), (axes[1], "strong", "speedup_fwdbwd")):
-        for scan in {r["scan"] for r in result["rows"]}:
+        for scan, P_ in sorted({(r["scan"], r["devices"]) for r in result["rows"] if r["devices"] > 1}):
             pts = sorted(
                 (r["tokens_per_device"] if kind == "weak" else r["T"], r[key])
                 for r in result["rows"]
-                if r["kind"] == kind and r["scan"] == scan and key in r
+                if r["kind"] == kind and r["scan"] == scan and r["devices"] == P_ and key in r
             )
             if pts:
-                label = "one shard, no collective" if scan == "emulated" else scan
+                label = f"{P_} devices, " + ("one shard, no collective" if scan == "emulated" else scan)
                 ax.plot(*zip(*pts, strict=True), marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per device" if kind == "weak" else "global tokens")
@@ -314,4 +335,8 @@ def plot(result, path):
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--plot"]:  # re-draw a saved result: scaling.py --plot result.json
+        with open(sys.argv[2]) as f:
+            plot(json.load(f), os.path.splitext(sys.argv[2])[0] + ".png")
+    else:
+        main()
