@@ -62,3 +62,29 @@ def make_inputs(case: Case, seed: int = 0, with_state: bool = False, num_states:
         n = case.B if num_states is None else num_states
         out["initial_state"] = jax.random.normal(keys[4], (n, case.H, case.Dk, Dv), jnp.float32)
     return out
+
+
+def run_with_grads(fn, inputs, *, seed: int = 1, out_dtype=None, **kw):
+    """o, final state and the gradients (every input) of a random projection of both, under jit.
+
+    fn(q, k, v, slopes=, initial_state=, return_state=True, **kw) is lightning_attention or
+    sharded_lightning. out_dtype: round o to it before the projection, so that its cotangent is rounded
+    the same way.
+    """
+    names = [n for n in ("q", "k", "v", "slopes", "initial_state") if n in inputs]
+
+    def loss(*args):
+        x = dict(zip(names, args, strict=True))
+        o, s = fn(x["q"], x["k"], x["v"], slopes=x["slopes"], initial_state=x.get("initial_state"),
+                  return_state=True, **kw)  # fmt: skip
+        if out_dtype is not None:
+            o = o.astype(out_dtype)
+        ko, ks = jax.random.split(jax.random.PRNGKey(seed))
+        w_o = jax.random.normal(ko, o.shape, jnp.float32)
+        w_s = jax.random.normal(ks, s.shape, jnp.float32)
+        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
+
+    grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))(
+        *(inputs[n] for n in names)
+    )
+    return o, s, dict(zip(names, grads, strict=True))

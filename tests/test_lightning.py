@@ -2,6 +2,7 @@
 
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,25 +18,10 @@ IMPLEMENTATIONS = ["xla"]
 SCALE = 0.7
 
 
-def run_with_grads(impl, inputs, *, cu_seqlens=None, reverse=False, seed=1):
-    """Output, final state and the gradients of a random projection of both, for every input."""
-    names = [n for n in ("q", "k", "v", "slopes", "initial_state") if n in inputs]
-
-    def loss(*args):
-        kw = dict(zip(names, args, strict=True))
-        o, s = shardattn.lightning_attention(
-            kw["q"], kw["k"], kw["v"], slopes=kw["slopes"], initial_state=kw.get("initial_state"),
-            scale=SCALE, cu_seqlens=cu_seqlens, reverse=reverse, return_state=True, implementation=impl,
-        )
-        ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-        w_o = jax.random.normal(ko, o.shape, jnp.float32)
-        w_s = jax.random.normal(ks, s.shape, jnp.float32)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
-
-    grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))(
-        *(inputs[n] for n in names)
-    )
-    return o, s, dict(zip(names, grads, strict=True))
+def run_with_grads(impl, inputs, **kw):
+    """helpers.run_with_grads through the public API with implementation=impl."""
+    api = shardattn.lightning_attention
+    return helpers.run_with_grads(api, inputs, scale=SCALE, implementation=impl, **kw)
 
 
 def check_against_reference(impl, inputs, dtype, **kw):

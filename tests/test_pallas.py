@@ -12,37 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
+from test_lightning import SCALE, run_with_grads
 
 import shardattn
 from shardattn.kernels.lightning import pallas_tpu, reference
-
-SCALE = 0.7
-
-
-def run_with_grads(impl, inputs, *, cu_seqlens=None, reverse=False, seed=1, out_dtype=None):
-    """Output, final state and the gradients of a random projection of both, for every input.
-
-    out_dtype: round o to it before the projection, so that its cotangent is rounded the same way.
-    """
-    names = [n for n in ("q", "k", "v", "slopes", "initial_state") if n in inputs]
-
-    def loss(*args):
-        kw = dict(zip(names, args, strict=True))
-        o, s = shardattn.lightning_attention(
-            kw["q"], kw["k"], kw["v"], slopes=kw["slopes"], initial_state=kw.get("initial_state"),
-            scale=SCALE, cu_seqlens=cu_seqlens, reverse=reverse, return_state=True, implementation=impl,
-        )
-        if out_dtype is not None:
-            o = o.astype(out_dtype)
-        ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-        w_o = jax.random.normal(ko, o.shape, jnp.float32)
-        w_s = jax.random.normal(ks, s.shape, jnp.float32)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
-
-    grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))(
-        *(inputs[n] for n in names)
-    )
-    return o, s, dict(zip(names, grads, strict=True))
 
 
 def check_against_reference(inputs, dtype, **kw):

@@ -8,6 +8,7 @@ import collections
 import functools
 import re
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,30 +27,14 @@ SCALE = 0.7
 SCANS = ["ring", "tree", "allgather"]
 # (data, seq, heads)
 MESHES = [(1, 8, 1), (2, 4, 1), (2, 2, 2), (1, 4, 2)]
-NAMES = ("q", "k", "v", "slopes", "initial_state")
 
 
 def mesh_id(shape):
     return "x".join(map(str, shape))
 
 
-def run_with_grads(fn, inputs, *, seed=1, **kw):
-    """o, final state and the gradients (every input) of a random projection of both, under jit."""
-    names = [n for n in NAMES if n in inputs]
-
-    def loss(*args):
-        x = dict(zip(names, args, strict=True))
-        o, s = fn(x["q"], x["k"], x["v"], slopes=x["slopes"], initial_state=x.get("initial_state"),
-                  scale=SCALE, return_state=True, **kw)  # fmt: skip
-        ko, ks = jax.random.split(jax.random.PRNGKey(seed))
-        w_o = jax.random.normal(ko, o.shape, jnp.float32)
-        w_s = jax.random.normal(ks, s.shape, jnp.float32)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s), (o, s)
-
-    grads, (o, s) = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))(
-        *(inputs[n] for n in names)
-    )
-    return o, s, dict(zip(names, grads, strict=True))
+# o, final state and all gradients of a random projection, under jit (helpers.run_with_grads)
+run_with_grads = functools.partial(helpers.run_with_grads, scale=SCALE)
 
 
 @functools.cache

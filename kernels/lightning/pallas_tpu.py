@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from shardattn.kernels.lightning.packing import slot_maps
 from shardattn.kernels.lightning.varying import match_varying
 
 LANES = 128  # TPU vreg lane width: the last dim of every VMEM block is padded to a multiple of it
@@ -449,18 +450,7 @@ def _varlen_tables(cu_seqlens, T, num_chunks, chunk, reverse):
     starts = (in_use & (pos0 == 0)).astype(jnp.int32)
     ends = jnp.concatenate([starts[1:], jnp.ones((1,), jnp.int32)])
 
-    slot = jnp.arange(num_chunks * C, dtype=jnp.int32)
-    slot_chunk = slot // C
-    pos = pos0[slot_chunk] + slot % C
-    slot_valid = (slot % C) < lens[slot_chunk]
-    n = seqs[slot_chunk]
-    token = jnp.where(reverse, cu_seqlens[n + 1] - 1 - pos, cu_seqlens[n] + pos)
-    slot_token = jnp.where(slot_valid, token, 0)
-
-    t = jnp.arange(T, dtype=jnp.int32)
-    t_seq = (jnp.searchsorted(cu_seqlens, t, side="right") - 1).astype(jnp.int32)
-    t_pos = jnp.where(reverse, cu_seqlens[t_seq + 1] - 1 - t, t - cu_seqlens[t_seq])
-    token_slot = first_chunk[t_seq] * C + t_pos
+    slot_token, slot_valid, token_slot = slot_maps(cu_seqlens, T, C, first_chunk, seqs, pos0, lens, reverse)
     return slot_token, slot_valid, token_slot, (lens, starts, ends, seqs)
 
 

@@ -17,6 +17,8 @@ to that sequence's initial state at a start. The re-layout is one gather in and 
 import jax
 import jax.numpy as jnp
 
+from shardattn.kernels.lightning.packing import slot_maps
+
 CHUNK_SIZE = 64
 
 
@@ -46,18 +48,9 @@ def _varlen_layout(cu_seqlens, T, num_chunks, reverse):
     chunk_len = jnp.where(in_seq, jnp.clip(seq_len[chunk_seq] - first_pos, 0, C), 0)
     chunk_start = in_seq & (first_pos == 0)
 
-    slot = jnp.arange(num_chunks * C, dtype=jnp.int32)
-    slot_chunk, slot_pos = slot // C, slot % C
-    pos_in_seq = first_pos[slot_chunk] + slot_pos
-    slot_valid = slot_pos < chunk_len[slot_chunk]
-    s = chunk_seq[slot_chunk]
-    token = jnp.where(reverse, cu_seqlens[s + 1] - 1 - pos_in_seq, cu_seqlens[s] + pos_in_seq)
-    token_of_slot = jnp.where(slot_valid, token, 0)
-
-    t = jnp.arange(T, dtype=jnp.int32)
-    t_seq = (jnp.searchsorted(cu_seqlens, t, side="right") - 1).astype(jnp.int32)
-    t_pos = jnp.where(reverse, cu_seqlens[t_seq + 1] - 1 - t, t - cu_seqlens[t_seq])
-    slot_of_token = chunk_offset[t_seq] * C + t_pos
+    token_of_slot, slot_valid, slot_of_token = slot_maps(
+        cu_seqlens, T, C, chunk_offset, chunk_seq, first_pos, chunk_len, reverse
+    )
     last_chunk = chunk_offset[1:] - 1  # -1 for an empty first sequence; masked by seq_len > 0
     return token_of_slot, slot_valid, slot_of_token, chunk_start, chunk_seq, chunk_len, last_chunk
 
