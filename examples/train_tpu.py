@@ -22,6 +22,7 @@ See examples/TRAINING.md.
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -93,18 +94,52 @@ def load_corpus(max_bytes: int = 32 << 20, heldout_every: int = 10) -> tuple[np.
     return as_array(train), as_array(heldout)
 
 
-def sample_batch(data: np.ndarray, batch: int, seq_len: int, seed: int, step: int):
-    """(inputs, targets) int32 [batch, seq_len]: random windows of `data`, targets shifted by one.
+def batch_starts(data: np.ndarray, batch: int, seq_len: int, seed: int, step: int) -> np.ndarray:
+    """Start offsets [batch] of the random windows of one global batch.
 
     The generator is seeded by (seed, step), so every host computes the same global batch without
-    talking to the others, and a batch does not depend on what was drawn before it.
+    talking to the others, and a batch does not depend on what was drawn before it. Drawing the offsets
+    costs nothing; only the windows a host's devices hold are then read (`window_block`).
     """
     if len(data) <= seq_len + 1:
         raise ValueError(f"seq_len={seq_len} needs more than {len(data)} bytes of data")
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(data) - seq_len - 1, size=batch)
-    windows = np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)
-    return windows[:, :-1], windows[:, 1:]
+    return rng.integers(0, len(data) - seq_len - 1, size=batch)
+
+
+def window_block(data: np.ndarray, starts: np.ndarray, seq_len: int, index, *, target: bool) -> np.ndarray:
+    """The block `index` (a tuple of two slices: rows, token columns) of the [batch, seq_len] inputs
+    (target=False) or targets (target=True, shifted by one) whose rows start at `starts`."""
+    rows, cols = index
+    first, stop, _ = cols.indices(seq_len)
+    shift = 1 if target else 0
+    return np.stack([data[s + first + shift : s + stop + shift] for s in starts[rows]]).astype(np.int32)
+
+
+def sample_batch(data: np.ndarray, batch: int, seq_len: int, seed: int, step: int):
+    """(inputs, targets) int32 [batch, seq_len]: the whole global batch on one host (tests, one device)."""
+    starts = batch_starts(data, batch, seq_len, seed, step)
+    full = (slice(None), slice(0, seq_len))
+    return tuple(window_block(data, starts, seq_len, full, target=t) for t in (False, True))
+
+
+def global_batch(data: np.ndarray, batch: int, seq_len: int, seed: int, step: int, sharding):
+    """(inputs, targets) as global jax.Arrays laid out as `sharding` (None: one device).
+
+    Each process builds only the blocks its own devices hold (`jax.make_array_from_callback` asks for
+    exactly those), so no host materialises the global batch on a multi-host mesh.
+    """
+    if sharding is None:
+        return tuple(jnp.asarray(x) for x in sample_batch(data, batch, seq_len, seed, step))
+    starts = batch_starts(data, batch, seq_len, seed, step)
+    return tuple(
+        jax.make_array_from_callback(
+            (batch, seq_len),
+            sharding,
+            lambda index, t=target: window_block(data, starts, seq_len, index, target=t),
+        )
+        for target in (False, True)
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,7 +251,13 @@ def parse_mesh(spec: str, devices=None):
     if len(sizes) != 3:
         raise ValueError(f"--mesh {spec!r} must be three sizes data,seq,heads (e.g. 2,2,2 or -1,1,1)")
     data, seq, heads = sizes
-    return make_mesh(data=data, seq=seq, heads=heads, devices=devices)
+    try:
+        return make_mesh(data=data, seq=seq, heads=heads, devices=devices)
+    except ValueError as err:  # name the flag and the processes, not only the device count
+        raise ValueError(
+            f"--mesh {spec!r} does not fit the {jax.device_count()} devices of {jax.process_count()} "
+            f"process(es) ({jax.local_device_count()} on this one): {err}"
+        ) from None
 
 
 def fsdp_spec(shape, data_size: int) -> P:
@@ -369,9 +410,7 @@ def train(args, log=print) -> list[dict]:
         f"data: {len(train_data) / 1e6:.2f} MB train, {len(heldout_data) / 1e6:.2f} MB held out "
         f"(Python {sys.version_info.major}.{sys.version_info.minor} stdlib)"
     )
-    batch = lambda data, seed, step: [
-        to_global(x, b_sh) for x in sample_batch(data, args.batch, args.seq_len, seed, step)
-    ]
+    batch = lambda data, seed, step: global_batch(data, args.batch, args.seq_len, seed, step, b_sh)
     # A fixed held-out set (seed + 1 keeps it apart from the training draws).
     eval_batches = [batch(heldout_data, args.seed + 1, i) for i in range(args.eval_batches)]
     heldout_loss = lambda: float(np.mean([float(eval_step(params, *b)) for b in eval_batches]))
@@ -424,19 +463,43 @@ def parse_args(argv=None):
     add("--eval-batches", type=int, default=4)
     add("--log-every", type=int, default=0, help="0: steps // 20")
     add("--fake-cpu-devices", type=int, default=0, help="run on N fake CPU devices")
-    add("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
+    add("--distributed", action="store_true",
+        help="multi-host: call jax.distributed.initialize() first (implied by --coordinator)")
+    add("--coordinator", default="", help="HOST:PORT of process 0 (multi-process runs outside a TPU pod, "
+        "SLURM or Open MPI, whose coordinator JAX finds by itself)")
+    add("--num-processes", type=int, default=0, help="number of processes (with --coordinator)")
+    add("--process-id", type=int, default=-1, help="this process's id, 0 .. N-1 (with --coordinator)")
     add("--seed", type=int, default=0)
+    add("--metrics-out", default="", help="write the logged records as JSON here (process 0)")
     return parser.parse_args(argv)
 
 
 def setup_runtime(args) -> None:
-    """Things that must happen before JAX starts its backends."""
+    """Things that must happen before JAX starts its backends: fake CPU devices, multi-process set-up."""
     if args.fake_cpu_devices:
         from shardattn.meshes import use_fake_cpu_devices
 
         jax.config.update("jax_platforms", "cpu")
         use_fake_cpu_devices(args.fake_cpu_devices)
-    if args.distributed or os.environ.get("SHARDATTN_DISTRIBUTED") == "1":
+    explicit = bool(args.coordinator)
+    if explicit != (args.num_processes > 0) or explicit != (args.process_id >= 0):
+        raise ValueError(
+            "--coordinator, --num-processes and --process-id go together (all three or none), got "
+            f"{args.coordinator=}, {args.num_processes=}, {args.process_id=}"
+        )
+    if explicit and not 0 <= args.process_id < args.num_processes:
+        n = args.num_processes
+        raise ValueError(f"--process-id {args.process_id} must be in [0, {n}) (--num-processes {n})")
+    if not (explicit or args.distributed or os.environ.get("SHARDATTN_DISTRIBUTED") == "1"):
+        return
+    if args.fake_cpu_devices or jax.config.jax_platforms == "cpu":
+        # CPU processes exchange collectives through gloo (JAX's CPU default does not cross processes).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if explicit:
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator, num_processes=args.num_processes, process_id=args.process_id
+        )
+    else:
         # On a Cloud TPU pod slice JAX finds the coordinator and this host's id by itself; on GPU
         # clusters it reads SLURM/Open MPI, or the JAX_COORDINATOR_ADDRESS/... environment variables.
         jax.distributed.initialize()
@@ -446,6 +509,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_runtime(args)
     history = train(args)
+    if args.metrics_out and jax.process_index() == 0:
+        pathlib.Path(args.metrics_out).write_text(json.dumps(history))
     if jax.process_index() == 0 and history:
         final = history[-1]
         first_loss = history[0]["losses"][0]
