@@ -167,3 +167,11 @@ def test_importing_shardattn_does_not_import_flax():
     code = "import sys, shardattn; sys.exit('flax' in sys.modules)"
     root = EXAMPLE.parent.parent
     assert subprocess.run([sys.executable, "-c", code], cwd=root, timeout=120).returncode == 0
+
+
+def test_mesh_that_does_not_fit_the_devices_names_the_flag():
+    with pytest.raises(ValueError, match=r"--mesh '3,1,1' does not fit the 8 devices of 1 process"):
+        ex.parse_mesh("3,1,1")
+    args = ex.parse_args(["--coordinator", "127.0.0.1:1234"])
+    with pytest.raises(ValueError, match="go together"):
+        ex.setup_runtime(args)
