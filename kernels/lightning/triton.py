@@ -43,6 +43,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from shardattn.kernels import triton_interpret
 from shardattn.kernels.lightning.varying import match_varying
 
 CHUNK = 64
@@ -473,6 +474,8 @@ def _kernels():
 
 def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
     """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature."""
+    if triton_interpret.enabled():  # development/CPU tests: Triton's interpreter, no GPU
+        return triton_interpret.launch(kernel, grid, inputs, out_shapes, **constexprs)
     import jax_triton as jt
 
     outputs = jt.triton_call(
@@ -581,14 +584,17 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
 
 
 def _check_supported(q, k, v):
-    if jax.default_backend() != "gpu":
+    if triton_interpret.enabled():
+        pass  # Triton's CPU interpreter (kernels/triton_interpret.py) needs neither a GPU nor jax-triton
+    elif jax.default_backend() != "gpu":
         raise NotImplementedError(f"the triton backend needs a GPU; jax.default_backend() is "
                                   f"{jax.default_backend()!r}")
-    try:
-        import jax_triton  # noqa: F401
-        import triton  # noqa: F401
-    except Exception as err:  # jax-triton raises ImportError/RuntimeError without a CUDA jax
-        raise NotImplementedError(f"the triton backend needs jax-triton and triton: {err}") from err
+    else:
+        try:
+            import jax_triton  # noqa: F401
+            import triton  # noqa: F401
+        except Exception as err:  # jax-triton raises ImportError/RuntimeError without a CUDA jax
+            raise NotImplementedError(f"the triton backend needs jax-triton and triton: {err}") from err
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.dtype(x.dtype) not in map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)):
             raise NotImplementedError(f"the triton backend takes float32/bfloat16/float16, got {name}.dtype="
