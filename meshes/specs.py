@@ -136,8 +136,12 @@ def _batch_entry(batch):
 def qkv_spec(mesh, batch_axis=None, seq_axis=None, head_axis=None) -> PartitionSpec:
     """PartitionSpec of a [B, T, H, D] array: batch, sequence and heads over their mesh axes.
 
-    >>> qkv_spec(make_mesh(data=2, seq=4))
-    PartitionSpec('data', 'seq', None, None)
+    Axes of size 1 are kept (they split nothing); sharded_lightning drops them from its own specs.
+
+    >>> qkv_spec(make_mesh(data=2, seq=4))  # 8 devices: axes data=2, seq=4, heads=1
+    P('data', 'seq', 'heads', None)
+    >>> qkv_spec(make_mesh(data=2, seq=4), head_axis=())
+    P('data', 'seq', None, None)
     """
     axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
     return PartitionSpec(_batch_entry(axes.batch), axes.seq, axes.heads, None)

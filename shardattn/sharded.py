@@ -1,9 +1,9 @@
 """Lightning attention on a device mesh: batch-, head- and sequence-parallel, one global-view function.
 
-Batch and head shards need no communication. Sequence shards (DESIGN.md, "Sequence parallelism: the
-state scan") need the state S_in(r) entering shard r: an exclusive scan across the sequence axis of the
-pairs (a_r, S_loc(r)), a_r = lam^n (n tokens per shard) and S_loc(r) the shard's own final state from
-zero, under
+Batch and head shards need no communication. Sequence shards (docs/design.md, "Sequence
+parallelism: the state scan") need the state S_in(r) entering shard r: an exclusive scan across the
+sequence axis of the pairs (a_r, S_loc(r)), a_r = lam^n (n tokens per shard) and S_loc(r) the shard's
+own final state from zero, under
 
     (a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2).
 
@@ -186,7 +186,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     if initial_state is not None:
         initial_state = jax.lax.pcast(initial_state.astype(jnp.float32), missing, to="varying")
     else:
-        # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (JAX_NOTES), and the reference
+        # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (docs/design.md), and the reference
         # backend's scan carry would then fail check_vma.
         initial_state = jnp.zeros_like(q, shape=(num_states, h, Dk, Dv), dtype=jnp.float32)
     # Same for the slopes (they vary over heads only). Without this cast JAX inserts it inside the
