@@ -7,6 +7,9 @@ import importlib.util
 import pathlib
 import re
 
+import pytest
+from jax.experimental import checkify
+
 import shardattn.meshes.specs as specs
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -67,3 +70,12 @@ def test_quickstart_prints_the_limits_it_checks(capsys):
     out = capsys.readouterr().out
     assert "(limit 2.0e-05/4.0e-05) -> ok" in out, out  # float32
     assert "(limit 1.5e-02/3.0e-02) -> ok" in out, out  # bfloat16 (was printed as 1e-02/3e-02)
+
+
+def test_readme_checks_example_runs_and_reports():
+    """The README's example of checks on traced values runs as written and throws our message."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Checks on traced values") :]
+    code = section[section.index("```python\n") + len("```python\n") : section.index("```\n", 10)]
+    with pytest.raises(checkify.JaxRuntimeError, match=r"slopes must be finite and >= 0"):
+        exec(compile(code, "README.md", "exec"), {})
