@@ -7,7 +7,6 @@ costs about what a jitted one does). docs/design.md describes the layers.
 """
 
 import dataclasses
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -18,6 +17,11 @@ import numpy as np
 from shardattn.checks import check_traced
 from shardattn.decay import decay_slopes
 from shardattn.kernels.lightning import BACKENDS, get_backend
+
+try:  # jax.core.Tracer is the public name today; newer releases may keep only the private one
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
 
 # Backends tried, in order, when implementation=None, by jax.default_backend().
 DEFAULT_IMPLEMENTATIONS = {"gpu": ("triton", "xla"), "tpu": ("pallas", "xla")}
@@ -210,16 +214,24 @@ class _Options:
 TRACES = [0]  # how many times _run was traced (tests check that repeated eager calls do not retrace)
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def _run(options: _Options, q, k, v, slopes, initial_state, cu_seqlens):
-    # Jitted so that an eager call runs one compiled program (cached per shapes and options) instead of
-    # dispatching the backend's ops one by one (~100x slower); under an outer jit it is inlined.
     TRACES[0] += 1
     o, final_state = run_backends(
         options.implementations, q, k, v, slopes, initial_state, cu_seqlens,
         scale=options.scale, reverse=options.reverse,
     )  # fmt: skip
     return (o, final_state) if options.return_state else o
+
+
+# Eager calls run this: one compiled program per shapes and options, cached, instead of the backend's
+# ops dispatched one by one (~100x slower). Traced calls (under the caller's jit, grad, vmap) run _run
+# directly: inside a trace there is nothing to gain, and a cached inner trace would hide changes that
+# tests make to a backend's module-level settings (tests/test_triton_gpu.py's block sizes).
+_run_jitted = jax.jit(_run, static_argnums=0)
+
+
+def _is_traced(*arrays) -> bool:
+    return any(isinstance(x, _Tracer) for x in arrays)
 
 
 def lightning_attention(
@@ -254,4 +266,5 @@ def lightning_attention(
         reverse=reverse, return_state=return_state,
     )  # fmt: skip
     options = _Options(x.scale, x.reverse, x.return_state, x.implementations)
-    return _run(options, x.q, x.k, x.v, x.slopes, x.initial_state, x.cu_seqlens)
+    arrays = (x.q, x.k, x.v, x.slopes, x.initial_state, x.cu_seqlens)
+    return (_run if _is_traced(*arrays) else _run_jitted)(options, *arrays)

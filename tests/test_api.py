@@ -189,3 +189,14 @@ def test_eager_calls_do_not_retrace():
     )  # fmt: skip
     assert_close("o", o1, o_ref, tolerance(jnp.float32))
     assert_close("final_state", s1, s_ref, tolerance(jnp.float32))
+
+
+def test_traced_calls_trace_the_backend_afresh(monkeypatch):
+    # Under the caller's jit the backend is traced in place, not served from the eager cache: a change
+    # to what the backend does (here: a wrapper that counts calls) is seen by every new trace.
+    calls = []
+    original = lightning.run_backends
+    monkeypatch.setattr(lightning, "run_backends", lambda *a, **k: calls.append(1) or original(*a, **k))
+    for _ in range(2):
+        jax.jit(lambda q: attention(q, X["k"], X["v"], X["slopes"]))(X["q"])
+    assert len(calls) == 2
