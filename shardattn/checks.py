@@ -8,7 +8,7 @@ with `checkify.checkify` and throws the error:
 
     >>> from jax.experimental import checkify
     >>> with shardattn.debug_checks():
-    ...     err, o = checkify.checkify(jax.jit(attention))(q, k, v, slopes)
+    ...     err, o = jax.jit(checkify.checkify(attention))(q, k, v, slopes)
     >>> err.throw()  # raises JaxRuntimeError: "slopes must be finite and >= 0 ..." if they were not
 
 Off (the default), nothing is added to the traced program.
@@ -54,6 +54,9 @@ def debug_checks_enabled() -> bool:
 
 
 def check_traced(predicate, message: str, **values) -> None:
-    """checkify.check(predicate, message, **values) when debug_checks is on; nothing otherwise."""
+    """checkify.check(predicate(), message, **values) when debug_checks is on; nothing otherwise.
+
+    `predicate` is a function, called only when the mode is on: off, not even the comparison is traced.
+    """
     if _enabled:
-        checkify.check(predicate, message, **values)
+        checkify.check(predicate(), message, **values)

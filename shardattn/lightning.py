@@ -134,7 +134,7 @@ def check_and_derive(
         slopes = jnp.asarray(slopes, jnp.float32)
         if concrete is None:
             check_traced(
-                jnp.all(jnp.isfinite(slopes) & (slopes >= 0)),
+                lambda: jnp.all(jnp.isfinite(slopes) & (slopes >= 0)),
                 "slopes must be finite and >= 0 (decay exp(-slope) <= 1), got {slopes}",
                 slopes=slopes,
             )
@@ -168,9 +168,11 @@ def check_and_derive(
         cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
         if concrete is None:
             cu = cu_seqlens
-            check_traced(cu[0] == 0, "cu_seqlens must start at 0, got {cu}", cu=cu)
-            check_traced(jnp.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing, got {cu}", cu=cu)
-            check_traced(cu[-1] == T, f"cu_seqlens must end at seq={T}, got {{cu}}", cu=cu)
+            check_traced(lambda: cu[0] == 0, "cu_seqlens must start at 0, got {cu}", cu=cu)
+            check_traced(
+                lambda: jnp.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing, got {cu}", cu=cu
+            )
+            check_traced(lambda: cu[-1] == T, f"cu_seqlens must end at seq={T}, got {{cu}}", cu=cu)
     num_states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
         initial_state = _as_array("initial_state", initial_state)
@@ -183,7 +185,7 @@ def check_and_derive(
             )
         # Only with debug_checks on (also for concrete values: checking them always would copy the
         # state to the host on every eager call).
-        check_traced(jnp.all(jnp.isfinite(initial_state)), "initial_state must be finite")
+        check_traced(lambda: jnp.all(jnp.isfinite(initial_state)), "initial_state must be finite")
     return Checked(
         q, k, v, slopes, scale, initial_state, cu_seqlens, reverse, return_state,
         resolve_implementations(implementation),
