@@ -108,7 +108,7 @@ def main(argv=None):
         print(
             f"{name:>8}: o sharded as {o.sharding.spec}; rel. RMS error vs reference: "
             + ", ".join(f"{key} {err:.1e}" for key, err in errors.items())
-            + f" (limit {limits['o']:.0e}/{limits['dq']:.0e}) -> {'ok' if passed else 'FAILED'}"
+            + f" (limit {limits['o']:.1e}/{limits['dq']:.1e}) -> {'ok' if passed else 'FAILED'}"
         )
         print(
             f"          forward+backward: {first:.2f} s first call (compile), {again * 1e3:.1f} ms after; "

@@ -97,6 +97,28 @@ def resolve_axes(mesh, batch_axis=None, seq_axis=None, head_axis=None) -> Axes:
     return axes
 
 
+def check_axes_used(mesh, axes: Axes) -> None:
+    """Raises ValueError when a mesh axis of size > 1 serves none of the roles in `axes`.
+
+    The public functions call this when some role was left at its default (None): an axis that no role
+    uses makes every device along it compute the same result, which is almost never what was meant (a
+    mesh with axes ("dp", "sp") and no axis arguments would run fully replicated). Passing every role
+    explicitly, `()` included, is the way to replicate on purpose.
+    """
+    used = {*axes.batch, axes.seq, axes.heads}
+    unused = [name for name in mesh.axis_names if name not in used and mesh.shape[name] > 1]
+    if unused:
+        sizes = {name: mesh.shape[name] for name in mesh.axis_names}
+        raise ValueError(
+            f"mesh axes {tuple(unused)} would serve no role (every device along them would compute the "
+            f"same result): the mesh's axes are {sizes}, and the roles resolved to batch_axis="
+            f"{axes.batch!r}, seq_axis={axes.seq!r}, head_axis={axes.heads!r} (None takes the names "
+            f"{AXIS_NAMES} only). Pass batch_axis=, seq_axis= and/or head_axis= naming the mesh's axes "
+            "(e.g. seq_axis=" + repr(unused[0]) + "), or pass every role explicitly (() to leave one "
+            "unsharded) to replicate over the rest on purpose."
+        )
+
+
 def axis_size(mesh, names) -> int:
     """Number of shards along a role: the product of the sizes of its mesh axes (1 when unsharded)."""
     if names is None:
@@ -114,8 +136,12 @@ def _batch_entry(batch):
 def qkv_spec(mesh, batch_axis=None, seq_axis=None, head_axis=None) -> PartitionSpec:
     """PartitionSpec of a [B, T, H, D] array: batch, sequence and heads over their mesh axes.
 
-    >>> qkv_spec(make_mesh(data=2, seq=4))
-    PartitionSpec('data', 'seq', None, None)
+    Axes of size 1 are kept (they split nothing); sharded_lightning drops them from its own specs.
+
+    >>> qkv_spec(make_mesh(data=2, seq=4))  # 8 devices: axes data=2, seq=4, heads=1
+    P('data', 'seq', 'heads', None)
+    >>> qkv_spec(make_mesh(data=2, seq=4), head_axis=())
+    P('data', 'seq', None, None)
     """
     axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
     return PartitionSpec(_batch_entry(axes.batch), axes.seq, axes.heads, None)

@@ -1,7 +1,17 @@
 """shardattn: lightning attention for JAX, per device and on multi-device meshes."""
 
-from shardattn.decay import DECAY_PRESETS, decay_slopes
-from shardattn.lightning import lightning_attention
-from shardattn.sharded import sharded_lightning
+__version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
-__all__ = ["DECAY_PRESETS", "decay_slopes", "lightning_attention", "sharded_lightning"]
+from shardattn.checks import debug_checks  # noqa: E402
+from shardattn.decay import DECAY_PRESETS, decay_slopes  # noqa: E402
+from shardattn.lightning import lightning_attention  # noqa: E402
+from shardattn.sharded import sharded_lightning  # noqa: E402
+
+__all__ = [
+    "DECAY_PRESETS",
+    "__version__",
+    "debug_checks",
+    "decay_slopes",
+    "lightning_attention",
+    "sharded_lightning",
+]

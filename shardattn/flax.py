@@ -8,11 +8,24 @@ Importing `shardattn` alone never imports flax; only this submodule does.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from shardattn.decay import decay_slopes
 from shardattn.lightning import lightning_attention
-from shardattn.sharded import sharded_lightning
+from shardattn.meshes.specs import check_axes_used, resolve_axes
+from shardattn.sharded import SCANS, sharded_lightning
+
+# learnable_decay: slopes = softplus(p), which is >= 0 for every p but reaches 0 only at p = -inf. A
+# preset slope of 0 (the "transnormer" preset's head 0, which does not decay) starts at this floor
+# instead: over T tokens it scales that head's oldest terms by exp(-1e-6 T) (0.996 at T = 4096).
+LEARNABLE_SLOPE_FLOOR = 1e-6
+
+
+def inverse_softplus(slopes):
+    """p with softplus(p) = slopes (float64 numpy, stable for small slopes): log(expm1(s))."""
+    s = np.asarray(slopes, np.float64)
+    return s + np.log(-np.expm1(-s))
 
 
 class LightningAttention(nnx.Module):
@@ -30,6 +43,11 @@ class LightningAttention(nnx.Module):
     tokens over `seq_axis`, heads over `head_axis`; None means the mesh's "data"/"seq"/"heads" axis if it
     has one; `scan` picks the state scan across sequence shards); without, as the single-device
     `lightning_attention`. `implementation` (backend names) is passed through.
+
+    Defaults differ from `lightning_attention`'s: the layer's `decay` is "minimax" with scale 1.0 (the
+    function's: "transnormer" with head_dim ** -0.5). `learnable_decay=True` makes the slopes a
+    parameter `slope_param` [num_heads] float32, slopes = softplus(slope_param) >= 0 by construction,
+    initialised at the preset (a preset slope of 0 starts at LEARNABLE_SLOPE_FLOOR, 1e-6).
 
     >>> attn = LightningAttention(512, 8, layer_idx=0, num_layers=24, rngs=nnx.Rngs(0))
     >>> y = attn(x)  # x: [B, T, 512]
@@ -51,6 +69,7 @@ class LightningAttention(nnx.Module):
         seq_axis: str | None = None,
         head_axis: str | None = None,
         scan: str = "auto",
+        learnable_decay: bool = False,
         implementation=None,
         use_bias: bool = False,
         dtype=None,
@@ -64,7 +83,26 @@ class LightningAttention(nnx.Module):
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads=} must be divisible by {num_kv_heads=}")
         # Fails now, naming the argument, rather than at the first call inside a jitted step.
-        decay_slopes(num_heads, layer_idx, num_layers, decay)
+        preset = decay_slopes(num_heads, layer_idx, num_layers, decay)
+        if not isinstance(scan, str) or scan not in SCANS:
+            raise ValueError(f"scan={scan!r} must be one of {SCANS}")
+        if not isinstance(learnable_decay, bool):
+            raise TypeError(f"learnable_decay must be a bool, got {type(learnable_decay).__name__}")
+        if mesh is None:
+            given = {n: a for n, a in (("batch_axis", batch_axis), ("seq_axis", seq_axis),
+                                        ("head_axis", head_axis)) if a is not None}  # fmt: skip
+            if scan != "auto":
+                given["scan"] = scan
+            if given:
+                raise ValueError(f"{given} only apply with a mesh (mesh=None runs on one device)")
+        else:
+            if not isinstance(mesh, jax.sharding.Mesh):
+                raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+            # The same rules as sharded_lightning: names must be in the mesh, and an axis that would
+            # serve no role while a role was left at its default is an error.
+            axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
+            if None in (batch_axis, seq_axis, head_axis):
+                check_axes_used(mesh, axes)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.layer_idx, self.num_layers, self.decay = layer_idx, num_layers, decay
         self.scale = (1.0 if decay == "minimax" else None) if scale is None else scale
@@ -85,6 +123,17 @@ class LightningAttention(nnx.Module):
         # One RMSNorm over all heads together, as MiniMax-01 does (a per-head norm would avoid the
         # reduction across a head-sharded axis, but would be a different model).
         self.norm = nnx.RMSNorm(num_heads * head_dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # float32 whatever param_dtype is: slopes are small numbers that bf16 would round coarsely.
+        self.learnable_decay = learnable_decay
+        if learnable_decay:
+            raw = inverse_softplus(np.maximum(preset, LEARNABLE_SLOPE_FLOOR))
+            self.slope_param = nnx.Param(jnp.asarray(raw, jnp.float32))
+
+    def slopes(self):
+        """The decay slopes [num_heads] float32 this layer uses (>= 0)."""
+        if self.learnable_decay:
+            return jax.nn.softplus(self.slope_param[...])
+        return jnp.asarray(decay_slopes(self.num_heads, self.layer_idx, self.num_layers, self.decay))
 
     def __call__(self, x):
         """x: [B, T, d_model] -> [B, T, d_model]."""
@@ -92,10 +141,11 @@ class LightningAttention(nnx.Module):
         q = jax.nn.silu(self.q_proj(x)).reshape(B, T, self.num_heads, self.head_dim)
         k = jax.nn.silu(self.k_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
         v = jax.nn.silu(self.v_proj(x)).reshape(B, T, self.num_kv_heads, self.head_dim)
-        kwargs = dict(
-            layer_idx=self.layer_idx, num_layers=self.num_layers, decay=self.decay, scale=self.scale,
-            implementation=self.implementation,
-        )
+        if self.learnable_decay:
+            kwargs = dict(slopes=self.slopes())
+        else:
+            kwargs = dict(layer_idx=self.layer_idx, num_layers=self.num_layers, decay=self.decay)
+        kwargs.update(scale=self.scale, implementation=self.implementation)
         if self.mesh is None:
             o = lightning_attention(q, k, v, **kwargs)
         else:

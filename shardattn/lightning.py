@@ -2,17 +2,26 @@
 
 The maths lives in shardattn.kernels.lightning (reference.py is the contract); this layer derives the
 slopes and the scale once, checks every argument before any kernel runs, and tries the requested
-backends in order.
+backends in order, inside one cached jitted function per set of static options (so that an eager call
+costs about what a jitted one does). docs/design.md describes the layers.
 """
 
+import dataclasses
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from shardattn.checks import check_traced
 from shardattn.decay import decay_slopes
 from shardattn.kernels.lightning import BACKENDS, get_backend
+
+try:  # jax.core.Tracer is the public name today; newer releases may keep only the private one
+    from jax.core import Tracer as _Tracer
+except ImportError:  # pragma: no cover
+    from jax._src.core import Tracer as _Tracer
 
 # Backends tried, in order, when implementation=None, by jax.default_backend().
 DEFAULT_IMPLEMENTATIONS = {"gpu": ("triton", "xla"), "tpu": ("pallas", "xla")}
@@ -24,6 +33,27 @@ def _concrete(x):
         return np.asarray(x)
     except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
         return None
+
+
+def _as_array(name, x):
+    """x as an array: jax.Arrays (tracers included) and numpy arrays as they are, array-likes (nested
+    lists, scalars) through jnp.asarray; anything else is a TypeError naming the argument."""
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    try:
+        return jnp.asarray(x)
+    except (TypeError, ValueError) as err:
+        raise TypeError(
+            f"{name} must be an array (jax.Array, numpy array or nested list of numbers), "
+            f"got {type(x).__name__}: {err}"
+        ) from None
+
+
+def _check_bool(name, x):
+    # bool(x) would turn reverse="no" into True: only real booleans are accepted.
+    if not isinstance(x, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool (True or False), got {type(x).__name__} {x!r}")
+    return bool(x)
 
 
 def _check_float(name, x):
@@ -44,16 +74,38 @@ def resolve_implementations(implementation) -> tuple[str, ...]:
     return tuple(names)
 
 
-def check_and_derive(
-    q, k, v, *, slopes, layer_idx, num_layers, decay, scale, initial_state, cu_seqlens, implementation
-):
-    """Checks every argument of lightning_attention; returns (slopes [H] f32, scale, implementations).
+class Checked(NamedTuple):
+    """The arguments of lightning_attention after check_and_derive: arrays, derived slopes and scale."""
 
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    slopes: jax.Array  # [H] float32
+    scale: float
+    initial_state: jax.Array | None
+    cu_seqlens: jax.Array | None  # int32
+    reverse: bool
+    return_state: bool
+    implementations: tuple[str, ...]
+
+
+def check_and_derive(
+    q, k, v, *, slopes, layer_idx, num_layers, decay, scale, initial_state, cu_seqlens, implementation,
+    reverse=False, return_state=False,
+) -> Checked:  # fmt: skip
+    """Checks every argument of lightning_attention and derives the slopes and the scale once.
+
+    Array-likes (lists, numpy) are accepted for q, k, v, slopes, initial_state and cu_seqlens. Values
+    known at trace time are checked here; values known only under tracing (slopes, cu_seqlens,
+    initial_state of a jitted function) get checkify checks when shardattn.debug_checks is on.
     Raises ValueError/TypeError naming the argument and the constraint.
     """
+    q, k, v = (_as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    reverse = _check_bool("reverse", reverse)
+    return_state = _check_bool("return_state", return_state)
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if getattr(x, "ndim", None) != 4:
-            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {jnp.shape(x)}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
         _check_float(name, x)
     B, T, H, Dk = q.shape
     if k.shape[:2] != (B, T) or v.shape[:2] != (B, T):
@@ -72,13 +124,20 @@ def check_and_derive(
     if slopes is not None:
         if layer_idx is not None or num_layers is not None:
             raise ValueError("pass either slopes or layer_idx/num_layers (a decay preset), not both")
-        _check_float("slopes", jnp.asarray(slopes))
-        if jnp.shape(slopes) != (H,):
-            raise ValueError(f"slopes must have shape [num_heads]=({H},), got {jnp.shape(slopes)}")
+        slopes = _as_array("slopes", slopes)
+        _check_float("slopes", slopes)
+        if slopes.shape != (H,):
+            raise ValueError(f"slopes must have shape [num_heads]=({H},), got {slopes.shape}")
         concrete = _concrete(slopes)
         if concrete is not None and (not np.all(np.isfinite(concrete)) or np.any(concrete < 0)):
             raise ValueError(f"slopes must be finite and >= 0 (decay exp(-slope) <= 1), got {concrete}")
         slopes = jnp.asarray(slopes, jnp.float32)
+        if concrete is None:
+            check_traced(
+                lambda: jnp.all(jnp.isfinite(slopes) & (slopes >= 0)),
+                "slopes must be finite and >= 0 (decay exp(-slope) <= 1), got {slopes}",
+                slopes=slopes,
+            )
     else:
         if layer_idx is None or num_layers is None:
             raise ValueError("pass slopes, or layer_idx and num_layers to use a decay preset")
@@ -91,8 +150,9 @@ def check_and_derive(
     scale = float(scale)
 
     if cu_seqlens is not None:
-        if getattr(cu_seqlens, "ndim", None) != 1 or cu_seqlens.shape[0] < 2:
-            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got {jnp.shape(cu_seqlens)}")
+        cu_seqlens = _as_array("cu_seqlens", cu_seqlens)
+        if cu_seqlens.ndim != 1 or cu_seqlens.shape[0] < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {cu_seqlens.shape}")
         if not jnp.issubdtype(cu_seqlens.dtype, jnp.integer):
             raise TypeError(f"cu_seqlens must have an integer dtype, got {cu_seqlens.dtype}")
         if B != 1:
@@ -105,8 +165,17 @@ def check_and_derive(
                 raise ValueError(f"cu_seqlens must be non-decreasing, got {concrete}")
             if concrete[-1] != T:
                 raise ValueError(f"cu_seqlens must end at seq={T}, got {concrete[-1]}")
+        cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
+        if concrete is None:
+            cu = cu_seqlens
+            check_traced(lambda: cu[0] == 0, "cu_seqlens must start at 0, got {cu}", cu=cu)
+            check_traced(
+                lambda: jnp.all(cu[1:] >= cu[:-1]), "cu_seqlens must be non-decreasing, got {cu}", cu=cu
+            )
+            check_traced(lambda: cu[-1] == T, f"cu_seqlens must end at seq={T}, got {{cu}}", cu=cu)
     num_states = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is not None:
+        initial_state = _as_array("initial_state", initial_state)
         _check_float("initial_state", initial_state)
         want = (num_states, H, Dk, Dv)
         if tuple(initial_state.shape) != want:
@@ -114,7 +183,13 @@ def check_and_derive(
             raise ValueError(
                 f"initial_state must have shape [{what}, heads, Dk, Dv]={want}, got {initial_state.shape}"
             )
-    return slopes, scale, resolve_implementations(implementation)
+        # Only with debug_checks on (also for concrete values: checking them always would copy the
+        # state to the host on every eager call).
+        check_traced(lambda: jnp.all(jnp.isfinite(initial_state)), "initial_state must be finite")
+    return Checked(
+        q, k, v, slopes, scale, initial_state, cu_seqlens, reverse, return_state,
+        resolve_implementations(implementation),
+    )  # fmt: skip
 
 
 def run_backends(implementations, *args, function="lightning_attention", **kwargs):
@@ -126,6 +201,39 @@ def run_backends(implementations, *args, function="lightning_attention", **kwarg
         except NotImplementedError as err:
             reasons.append(f"{name}: {err}")
     raise NotImplementedError("no lightning backend could serve this call:\n  " + "\n  ".join(reasons))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    """Static options of one lightning_attention call (hashable: the key of the jitted function)."""
+
+    scale: float
+    reverse: bool
+    return_state: bool
+    implementations: tuple[str, ...]
+
+
+TRACES = [0]  # how many times _run was traced (tests check that repeated eager calls do not retrace)
+
+
+def _run(options: _Options, q, k, v, slopes, initial_state, cu_seqlens):
+    TRACES[0] += 1
+    o, final_state = run_backends(
+        options.implementations, q, k, v, slopes, initial_state, cu_seqlens,
+        scale=options.scale, reverse=options.reverse,
+    )  # fmt: skip
+    return (o, final_state) if options.return_state else o
+
+
+# Eager calls run this: one compiled program per shapes and options, cached, instead of the backend's
+# ops dispatched one by one (~100x slower). Traced calls (under the caller's jit, grad, vmap) run _run
+# directly: inside a trace there is nothing to gain, and a cached inner trace would hide changes that
+# tests make to a backend's module-level settings (tests/test_triton_gpu.py's block sizes).
+_run_jitted = jax.jit(_run, static_argnums=0)
+
+
+def _is_traced(*arrays) -> bool:
+    return any(isinstance(x, _Tracer) for x in arrays)
 
 
 def lightning_attention(
@@ -154,13 +262,11 @@ def lightning_attention(
 
     >>> o = lightning_attention(q, k, v, layer_idx=0, num_layers=24)
     """
-    slopes, scale, implementations = check_and_derive(
+    x = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=initial_state, cu_seqlens=cu_seqlens, implementation=implementation,
+        reverse=reverse, return_state=return_state,
     )  # fmt: skip
-    if cu_seqlens is not None:
-        cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
-    o, final_state = run_backends(
-        implementations, q, k, v, slopes, initial_state, cu_seqlens, scale=scale, reverse=bool(reverse)
-    )
-    return (o, final_state) if return_state else o
+    options = _Options(x.scale, x.reverse, x.return_state, x.implementations)
+    arrays = (x.q, x.k, x.v, x.slopes, x.initial_state, x.cu_seqlens)
+    return (_run if _is_traced(*arrays) else _run_jitted)(options, *arrays)

@@ -1,9 +1,9 @@
 """Lightning attention on a device mesh: batch-, head- and sequence-parallel, one global-view function.
 
-Batch and head shards need no communication. Sequence shards (DESIGN.md, "Sequence parallelism: the
-state scan") need the state S_in(r) entering shard r: an exclusive scan across the sequence axis of the
-pairs (a_r, S_loc(r)), a_r = lam^n (n tokens per shard) and S_loc(r) the shard's own final state from
-zero, under
+Batch and head shards need no communication. Sequence shards (docs/design.md, "Sequence
+parallelism: the state scan") need the state S_in(r) entering shard r: an exclusive scan across the
+sequence axis of the pairs (a_r, S_loc(r)), a_r = lam^n (n tokens per shard) and S_loc(r) the shard's
+own final state from zero, under
 
     (a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2).
 
@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardattn.lightning import check_and_derive, run_backends
-from shardattn.meshes.specs import axis_size, resolve_axes
+from shardattn.meshes.specs import axis_size, check_axes_used, resolve_axes
 from shardattn.meshes.specs import place as place_on
 
 SCANS = ("auto", "ring", "tree", "allgather")
@@ -186,7 +186,7 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     if initial_state is not None:
         initial_state = jax.lax.pcast(initial_state.astype(jnp.float32), missing, to="varying")
     else:
-        # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (JAX_NOTES), and the reference
+        # zeros_like(q, ...) varies like q; a plain jnp.zeros would not (docs/design.md), and the reference
         # backend's scan carry would then fail check_vma.
         initial_state = jnp.zeros_like(q, shape=(num_states, h, Dk, Dv), dtype=jnp.float32)
     # Same for the slopes (they vary over heads only). Without this cast JAX inserts it inside the
@@ -415,22 +415,30 @@ def sharded_lightning(
     `()` leaves the role unsharded. T, B and H must be divisible by their axis sizes; Hkv too, or it
     must divide the head-axis size (then k and v are replicated over that axis).
     `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
+    Unused axes: when a role is left at None and a mesh axis of size > 1 then serves no role (every
+    device along it would compute the same result), it is a ValueError; name the axes, or pass every
+    role explicitly (`()` included) to replicate over the rest on purpose.
 
     >>> mesh = shardattn.meshes.make_mesh(data=2, seq=4)
     >>> o = sharded_lightning(q, k, v, mesh=mesh, layer_idx=0, num_layers=24)
     """
-    slopes, scale, implementations = check_and_derive(
+    x = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=initial_state, cu_seqlens=cu_seqlens, implementation=implementation,
+        reverse=reverse, return_state=return_state,
     )  # fmt: skip
+    q, k, v, slopes, initial_state, cu_seqlens = x.q, x.k, x.v, x.slopes, x.initial_state, x.cu_seqlens
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
-    if scan not in SCANS:
+    if not isinstance(scan, str) or scan not in SCANS:
         raise ValueError(f"scan={scan!r} must be one of {SCANS}")
     packed = cu_seqlens is not None
+    defaulted = [batch_axis, seq_axis, head_axis].count(None)  # roles left to the default names
     if packed and batch_axis is None:
         batch_axis = ()  # batch 1: nothing to shard, and the default "data" axis would not divide it
     axes = resolve_axes(mesh, batch_axis, seq_axis, head_axis)
+    if defaulted:
+        check_axes_used(mesh, axes)
     # Axes of size 1 shard nothing; dropping them keeps the specs (and the varying axes that check_vma
     # tracks) to the axes that really split data, e.g. no psum over a size-1 "seq" for the final state.
     axes = axes._replace(
@@ -472,12 +480,12 @@ def sharded_lightning(
         head_axis=axes.heads,
         num_seq=num_seq,
         scan=choose_scan(scan, num_seq, state_bytes),
-        scale=scale,
-        reverse=bool(reverse),
-        implementations=implementations,
+        scale=x.scale,
+        reverse=x.reverse,
+        implementations=x.implementations,
         kv_replicated=kv_replicated,
         packed=packed,
-        return_state=bool(return_state),
+        return_state=x.return_state,
     )
 
     # Inputs of any placement (numpy, one device, other shardings) go to the specs shard_map expects:
@@ -490,13 +498,11 @@ def sharded_lightning(
     in_specs = [spec_qkv, spec_kv, spec_kv, P(axes.heads)]
     # Optional arguments are bound as None (no shard_map input) so that the per-device code sees None.
     optional = []
-    for x, spec in ((initial_state, spec_state), (cu_seqlens, P())):
-        if x is None:
+    for value, spec in ((initial_state, spec_state), (cu_seqlens, P())):
+        if value is None:
             optional.append(None)
         else:
-            if spec == P():
-                x = jnp.asarray(x, jnp.int32)
-            args.append(place(x, spec))
+            args.append(place(value, spec))
             in_specs.append(spec)
             optional.append(len(args) - 1)
 

@@ -113,7 +113,7 @@ def test_decay_extremes(impl, slope):
 
 
 def test_reference_matches_quadratic_form():
-    """The contract itself, checked against the closed form in float64 numpy (DESIGN.md)."""
+    """The contract itself, checked against the closed form in float64 numpy (docs/design.md)."""
     case = Case(B=1, T=40, H=2, Hkv=1, Dk=8, Dv=6)
     x = make_inputs(case, with_state=True)
     q, k, v, s0 = (np.asarray(x[n], np.float64) for n in ("q", "k", "v", "initial_state"))

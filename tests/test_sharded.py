@@ -148,8 +148,11 @@ def test_one_dimensional_mesh_and_custom_names():
     custom = Mesh(devices.reshape(2, 2, 2), ("dp", "sp", "tp"))
     check_forward(CASE, custom, batch_axis="dp", seq_axis="sp", head_axis="tp", scan="ring",
                   report="dp2 x sp2 x tp2 ring")  # fmt: skip
-    unused = Mesh(devices.reshape(4, 2), ("seq", "model"))  # "model" plays no role: replicated over it
-    check_forward(CASE, unused, scan="allgather", report="seq4 x model2 allgather")
+    # "model" plays no role: replicated over it, on purpose (every role explicit; left at None, the
+    # unused axis would be an error, tests/test_api.py).
+    unused = Mesh(devices.reshape(4, 2), ("seq", "model"))
+    check_forward(CASE, unused, batch_axis=(), seq_axis="seq", head_axis=(), scan="allgather",
+                  report="seq4 x model2 allgather")  # fmt: skip
 
 
 def test_batch_over_two_axes():

@@ -1,6 +1,6 @@
 """Lightning attention as Pallas TPU (Mosaic) kernels: a chunked forward and an exact backward.
 
-Signature and meaning: reference.py. Within a chunk of C tokens (position i, valid length l, DESIGN.md):
+Signature and meaning: reference.py. Within a chunk of C tokens (position i, valid length l, docs/design.md):
 
     o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
     S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j
@@ -489,7 +489,7 @@ def lightning_attention(
     C = min(block_sizes.chunk, _round_up(T, SUBLANE_ROWS))
     N = B if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if initial_state is None:
-        # zeros_like keeps q's varying shard_map axes (a plain zeros would not vary; JAX_NOTES).
+        # zeros_like keeps q's varying shard_map axes (a plain zeros would not vary; docs/design.md).
         initial_state = jnp.zeros_like(q, jnp.float32, shape=(N, H, Dk, Dv))
     s0 = initial_state.astype(jnp.float32)
 

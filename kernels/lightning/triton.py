@@ -1,6 +1,6 @@
 """Lightning attention in Triton, called from JAX through jax-triton (NVIDIA GPUs).
 
-Chunked form (DESIGN.md), chunk of C tokens, position i inside the chunk, lam = exp(-s_h):
+Chunked form (docs/design.md), chunk of C tokens, position i inside the chunk, lam = exp(-s_h):
 
     o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
     S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j                    (l = valid tokens)

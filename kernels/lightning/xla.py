@@ -1,6 +1,6 @@
 """Lightning attention in plain JAX, chunked: matrix work inside chunks, a scan over chunk states.
 
-Portable (any XLA backend) and differentiable by autodiff. Within a chunk of C tokens (DESIGN.md):
+Portable (any XLA backend) and differentiable by autodiff. Within a chunk of C tokens (docs/design.md):
 
     o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
     S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j          (l = valid tokens of the chunk)
@@ -91,7 +91,7 @@ def _chunked(q, k, v, slopes, chunk_start, chunk_len, initial_for_chunk, *, scal
     num_chunks = q.shape[1]
     chunks = (local_state, chunk_decay, chunk_start, jnp.arange(num_chunks))
     # zeros_like of a value derived from the inputs, so that the carry varies over the same mesh axes as
-    # the inputs when this runs inside shard_map (JAX_NOTES: jnp.zeros carries fail check_vma).
+    # the inputs when this runs inside shard_map (docs/design.md: jnp.zeros carries fail check_vma).
     _, (state_in, state_out) = jax.lax.scan(step, jnp.zeros_like(local_state[0]), chunks)
     o_inter = ein("bnikgd,nbkgdv->bnikgv", q * query_decay.transpose(2, 0, 1)[..., None], state_in)
     return scale * (o_intra + o_inter), state_in, state_out
