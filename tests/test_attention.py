@@ -329,6 +329,46 @@ def test_merge_of_two_halves_equals_whole():
         assert_close(f"d{name}", a, b, 2e-6)
 
 
+def test_forward_backward_halves_with_global_lse():
+    """What a ring does: backward over each key half, given the GLOBAL o and lse, yields the whole call's
+    dk, dv for that half and, summed, its dq and dsinks (with dropout offsets, sinks and an lse cotangent)."""
+    case = Case(B=2, T=63, S=80, H=4, Hkv=2, Dk=32, causal=True, sinks=True, dropout=0.25)
+    x = make_inputs(case)
+    key = jax.random.split(jax.random.PRNGKey(9), 2)
+    do = jax.random.normal(key[0], (2, 63, 4, 32))
+    dlse = jax.random.normal(key[1], (2, 4, 63))
+    kw = dict(sinks=x["sinks"], dropout_rng=x["dropout_rng"], options=case.options, block_sizes=SMALL_BLOCKS)
+
+    @jax.jit
+    def whole_and_halves(q, k, v, q_pos, kv_pos):
+        o, lse = xla.forward(q, k, v, q_positions=q_pos, kv_positions=kv_pos, **kw)
+        whole = xla.backward(q, k, v, o, lse, do, dlse, q_positions=q_pos, kv_positions=kv_pos, **kw)
+        halves = [
+            xla.backward(q, k[:, sl], v[:, sl], o, lse, do, dlse, q_positions=q_pos,
+                         kv_positions=kv_pos[:, sl], dropout_offsets=(0, sl.start), **kw)
+            for sl in (slice(0, 40), slice(40, 80))
+        ]  # fmt: skip
+        return whole, halves
+
+    whole, (h1, h2) = whole_and_halves(x["q"], x["k"], x["v"], x["q_positions"], x["kv_positions"])
+    assert_close("dq", h1[0] + h2[0], whole[0], 1e-6)
+    assert_close("dk", jnp.concatenate([h1[1], h2[1]], axis=1), whole[1], 1e-6)
+    assert_close("dv", jnp.concatenate([h1[2], h2[2]], axis=1), whole[2], 1e-6)
+    # sinks belong to every row, not to a key set: each half returns the full dsinks
+    assert_close("dsinks", h1[4], whole[4], 1e-6)
+    assert whole[3] is None
+    # and the whole agrees with autodiff of the reference
+    ref_vjp = jax.vjp(
+        lambda q, k, v, sinks: reference.attention(
+            q, k, v, sinks=sinks, q_positions=x["q_positions"], kv_positions=x["kv_positions"],
+            dropout_rng=x["dropout_rng"], options=case.options),
+        x["q"], x["k"], x["v"], x["sinks"],
+    )[1]((do, dlse))  # fmt: skip
+    for name, a, b in zip(("dq", "dk", "dv"), whole[:3], ref_vjp[:3], strict=True):
+        assert_close(name, a, b, tolerance(f32, grad=True))
+    assert_close("dsinks", whole[4], ref_vjp[3], tolerance(f32, grad=True))
+
+
 def test_merge_with_empty_sides():
     """-inf on one side takes the other; -inf on both gives 0, -inf, and finite zero gradients."""
     key = jax.random.split(jax.random.PRNGKey(3), 4)
