@@ -538,12 +538,93 @@ def test_api_dropout_deterministic():
     assert rel_rms(a, jax.jit(flash_attention)(q, k, v)) > 0.1  # dropout did something
 
 
-def test_cudnn_refuses_on_cpu_and_says_why():
-    if jax.default_backend() == "gpu":
-        pytest.skip("CPU behaviour")
-    q, k, v = _api_inputs()
-    with pytest.raises(NotImplementedError, match="cudnn"):
-        flash_attention(q, k, v, implementation="cudnn")
+def _bf16_inputs(B=1, T=32, S=None, H=4, Hkv=2, D=16):
+    return tuple(x.astype(jnp.bfloat16) for x in _api_inputs(B=B, T=T, S=S, H=H, Hkv=Hkv, D=D))
+
+
+SEG32 = jnp.zeros((1, 32), jnp.int32)
+CUDNN_REFUSALS = [
+    ("soft-cap", dict(logits_soft_cap=5.0), "soft cap"),
+    ("sinks", dict(sinks=jnp.zeros((4,))), "sinks"),
+    ("dropout", dict(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0)), "dropout"),
+    ("segments", dict(q_segment_ids=SEG32, kv_segment_ids=SEG32), "segment ids"),
+    ("lse", dict(return_residuals=True), "log-sum-exp"),
+    ("right-window", dict(sliding_window=(4, 2)), "left window only"),
+    ("positions", dict(causal=True, q_positions=jnp.arange(32)[None] + 1), "positions"),
+    ("float32", dict(dtype=jnp.float32), "bfloat16/float16"),
+    ("T!=S", dict(causal=True, S=48), "T == S"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides,text", [r[1:] for r in CUDNN_REFUSALS], ids=[r[0] for r in CUDNN_REFUSALS]
+)
+def test_cudnn_refuses_naming_the_feature(overrides, text):
+    """Each feature cuDNN lacks raises NotImplementedError naming it (checked before the device)."""
+    kw = dict(overrides)
+    q, k, v = _bf16_inputs(S=kw.pop("S", None))
+    if "dtype" in kw:
+        dtype = kw.pop("dtype")
+        q, k, v = (x.astype(dtype) for x in (q, k, v))
+    with pytest.raises(NotImplementedError, match=text):
+        flash_attention(q, k, v, implementation="cudnn", **kw)
+
+
+def test_cudnn_falls_through_to_xla():
+    """The GPU default ("cudnn", "xla") on a call cudnn cannot serve runs xla."""
+    q, k, v = _bf16_inputs()
+    expected = "needs an NVIDIA GPU" if jax.default_backend() != "gpu" else "soft cap"
+    with pytest.raises(NotImplementedError, match=expected):
+        flash_attention(q, k, v, causal=True, logits_soft_cap=2.0 if expected == "soft cap" else None,
+                        implementation="cudnn")  # fmt: skip
+    o = jax.jit(
+        lambda q, k, v: flash_attention(q, k, v, logits_soft_cap=2.0, implementation=("cudnn", "xla"))
+    )(q, k, v)
+    ref = flash_attention(q, k, v, logits_soft_cap=2.0, implementation="reference")
+    assert_close("o", o, ref, tolerance(jnp.bfloat16))
+
+
+CUDNN_CASES = [
+    Case(B=2, T=256, H=8, Hkv=2, Dk=64, dtype=jnp.bfloat16, causal=True),
+    Case(B=2, T=256, H=8, Hkv=8, Dk=128, dtype=jnp.bfloat16, causal=True, window=(64, 0)),
+    Case(B=2, T=128, H=4, Hkv=4, Dk=64, dtype=jnp.bfloat16, bias="head"),
+    Case(B=1, T=512, H=4, Hkv=1, Dk=64, dtype=jnp.float16, causal=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CUDNN_CASES, ids=lambda c: c.id)
+def test_cudnn_matches_reference(case):
+    """cuDNN's o and gradients (q, k, v, bias) against the float32 reference."""
+    x = make_inputs(case)
+    w_o = jax.random.normal(jax.random.PRNGKey(11), (case.B, case.T, case.H, case.Dk), f32)
+
+    def loss(impl, q, k, v, bias):
+        o = flash_attention(
+            q, k, v, causal=case.causal, sliding_window=case.window, bias=bias, implementation=impl
+        )
+        return jnp.sum(o.astype(f32) * w_o), o
+
+    argnums = (0, 1, 2, 3) if case.bias else (0, 1, 2)
+    grad = functools.partial(jax.grad, argnums=argnums, has_aux=True)
+    g, o = jax.jit(grad(functools.partial(loss, "cudnn")))(x["q"], x["k"], x["v"], x["bias"])
+    up = [x[n].astype(f32) for n in ("q", "k", "v")]
+    g_ref, o_ref = jax.jit(grad(functools.partial(loss, "reference")))(*up, x["bias"])
+    assert_close("o", o, o_ref, tolerance(case.dtype))
+    for name, a, b in zip(("dq", "dk", "dv", "dbias"), g, g_ref, strict=False):
+        assert_close(name, a, b, tolerance(case.dtype, grad=True))
+
+
+@pytest.mark.gpu
+def test_gpu_default_uses_cudnn_and_xla_for_residuals():
+    q, k, v = _bf16_inputs(T=256, D=64)
+    o = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True))(q, k, v)
+    o_cudnn = flash_attention(q, k, v, causal=True, implementation="cudnn")
+    assert np.array_equal(np.asarray(o, np.float32), np.asarray(o_cudnn, np.float32))
+    o2, lse = flash_attention(q, k, v, causal=True, return_residuals=True)  # cudnn has no lse: xla
+    o_xla, lse_xla = flash_attention(q, k, v, causal=True, return_residuals=True, implementation="xla")
+    assert np.array_equal(np.asarray(lse), np.asarray(lse_xla))
+    assert_close("o", o, o_xla, tolerance(jnp.bfloat16))
 
 
 SEG8, CU8 = jnp.zeros((1, 8), jnp.int32), jnp.array([0, 8])
