@@ -688,3 +688,77 @@ def test_bad_inputs_raise_naming_the_argument(overrides, error, text):
 
 def test_exported():
     assert shardattn.flash_attention is flash_attention and shardattn.merge_attention is merge_attention
+
+
+# ------------------------------------------------------------------------------------ the Flax layer
+
+
+def test_flax_softmax_attention_layer():
+    """SoftmaxAttention (GQA, rotary, learnable sinks, packed segments) equals its maths written out
+    with the reference backend, values and the gradients of the sinks and the q projection."""
+    nnx = pytest.importorskip("flax.nnx")
+    from shardattn.flax import SoftmaxAttention, rotary
+
+    layer = SoftmaxAttention(32, 4, num_kv_heads=2, sinks=True, sliding_window=6, implementation="xla",
+                             rngs=nnx.Rngs(0))  # fmt: skip
+    layer.sinks[...] = jnp.array([0.5, -1.0, 0.0, 2.0])
+    B, T = 2, 24
+    x = jax.random.normal(jax.random.PRNGKey(1), (B, T, 32))
+    seg = jnp.broadcast_to((jnp.arange(T) >= 10).astype(jnp.int32), (B, T))
+    pos = jnp.where(seg == 0, jnp.arange(T), jnp.arange(T) - 10)  # two packed sequences
+
+    def by_hand(params):
+        q = (x @ params["q"]).reshape(B, T, 4, 8)
+        k = (x @ params["k"]).reshape(B, T, 2, 8)
+        v = (x @ params["v"]).reshape(B, T, 2, 8)
+        q, k = rotary(q, pos), rotary(k, pos)
+        o = flash_attention(
+            q,
+            k,
+            v,
+            causal=True,
+            sliding_window=6,
+            sinks=params["sinks"],
+            q_positions=pos,
+            kv_positions=pos,
+            q_segment_ids=seg,
+            kv_segment_ids=seg,
+            implementation="reference",
+        )
+        return o.reshape(B, T, 32) @ params["out"]  # fmt: skip
+
+    params = dict(q=layer.q_proj.kernel[...], k=layer.k_proj.kernel[...], v=layer.v_proj.kernel[...],
+                  out=layer.out_proj.kernel[...], sinks=layer.sinks[...])  # fmt: skip
+
+    @nnx.jit
+    def layer_loss_and_grads(layer):
+        def loss(layer):
+            y = layer(x, pos, segment_ids=seg)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        return nnx.grad(loss, has_aux=True)(layer)
+
+    grads, y = layer_loss_and_grads(layer)
+    g_ref, y_ref = jax.jit(
+        jax.grad(lambda p: (lambda y: (jnp.sum(y * jnp.cos(y)), y))(by_hand(p)), has_aux=True)
+    )(params)
+    assert_close("y", y, y_ref, tolerance(f32))
+    assert_close("dsinks", grads.sinks[...], g_ref["sinks"], tolerance(f32, grad=True))
+    assert_close("dW_q", grads.q_proj.kernel[...], g_ref["q"], tolerance(f32, grad=True))
+    assert float(jnp.max(jnp.abs(g_ref["sinks"]))) > 1e-3  # the sinks are learnable: they get a gradient
+
+    with pytest.raises(NotImplementedError, match="sharded softmax attention"):
+        SoftmaxAttention(32, 4, mesh=jax.make_mesh((1,), ("seq",)), rngs=nnx.Rngs(0))
+
+
+def test_rotary_depends_only_on_relative_position():
+    pytest.importorskip("flax")
+    from shardattn.flax import rotary
+
+    q = jax.random.normal(jax.random.PRNGKey(0), (1, 5, 2, 16))
+    k = jax.random.normal(jax.random.PRNGKey(1), (1, 5, 2, 16))
+    p = jnp.array([[0, 3, 7, 8, 20]])
+    s = jnp.array([[1, 1, 2, 30, 4]])
+    dots = [jnp.sum(rotary(q, p + c) * rotary(k, s + c), axis=-1) for c in (0, 13)]
+    np.testing.assert_allclose(dots[0], dots[1], rtol=1e-4, atol=1e-4)
+    assert not np.allclose(dots[0], jnp.sum(q * k, axis=-1), atol=1e-3)  # it does rotate
