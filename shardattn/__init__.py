@@ -1,7 +1,8 @@
-"""shardattn: lightning attention for JAX, per device and on multi-device meshes."""
+"""shardattn: lightning and softmax attention for JAX, per device and on multi-device meshes."""
 
 __version__ = "0.1.0"  # the package version (pyproject.toml reads it from here)
 
+from shardattn.attention import flash_attention, merge_attention  # noqa: E402
 from shardattn.checks import debug_checks  # noqa: E402
 from shardattn.decay import DECAY_PRESETS, decay_slopes  # noqa: E402
 from shardattn.lightning import lightning_attention  # noqa: E402
@@ -12,6 +13,8 @@ __all__ = [
     "__version__",
     "debug_checks",
     "decay_slopes",
+    "flash_attention",
     "lightning_attention",
+    "merge_attention",
     "sharded_lightning",
 ]
