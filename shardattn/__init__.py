@@ -4,6 +4,7 @@ from shardattn.attention import flash_attention, merge_attention
 from shardattn.decay import DECAY_PRESETS, decay_slopes
 from shardattn.lightning import lightning_attention
 from shardattn.sharded import sharded_lightning
+from shardattn.sharded_attention import sharded_attention
 
 __all__ = [
     "DECAY_PRESETS",
@@ -11,5 +12,6 @@ __all__ = [
     "flash_attention",
     "lightning_attention",
     "merge_attention",
+    "sharded_attention",
     "sharded_lightning",
 ]
