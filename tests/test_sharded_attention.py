@@ -189,10 +189,11 @@ def test_matches_reference(strategy, layout, feature):
         scattered = collections.Counter(s.split("{")[0] for s in ops["reduce-scatter"])
         assert scattered[f"f32[{b},{n},{kv_heads},{D}]"] == 2, scattered  # dK and dV (the transpose)
     else:
-        assert "all-to-all" in ops and "collective-permute" not in ops, dict(ops)
-        # forward: q, k, v to heads, o and lse back; backward: their transposes (XLA may fuse several
-        # same-shaped all-to-alls into one tuple op, so count at least the forward's five tensors).
-        assert len(ops["all-to-all"]) >= 2, ops["all-to-all"]
+        assert set(ops) == {"all-to-all", "all-gather", "all-reduce"}, dict(ops)
+        # forward: q, k, v to heads, o and lse back; backward: do and dlse to heads, dq, dk, dv back.
+        assert len(ops["all-to-all"]) == 10, ops["all-to-all"]
+        assert [s.split("{")[0] for s in ops["all-gather"]] == [f"s32[{b},{T}]"] * 2  # q and kv positions
+        assert {s.split("{")[0] for s in ops["all-reduce"]} == {f"f32[{heads // SEQ},2]"}  # d sinks
 
 
 def test_ring_with_the_xla_halves():
@@ -201,6 +202,35 @@ def test_ring_with_the_xla_halves():
     for layout, feature in (("zigzag", "causal-cap-sinks-segments"), ("contiguous", "window-bias-packed")):
         got = run_sharded(mesh, feature, layout=layout, strategy="ring", implementation="xla")
         check_against_reference(feature, got, report=f"ring xla {layout} {feature}")
+
+
+@pytest.mark.parametrize("strategy", ["ulysses", "ring"])
+def test_heads_and_sequence_together(strategy):
+    """Head and sequence axes at once (2 x 2 x 2): bias and sinks per head are sliced to each device's
+    heads (ulysses: the head dimension split over (heads, seq)); S = 2T, queries end-aligned."""
+    mesh = make_mesh(data=2, seq=2, heads=2)
+    keys = jax.random.split(jax.random.PRNGKey(11), 5)
+    q = jax.random.normal(keys[0], (2, 16, 8, 8))
+    k = jax.random.normal(keys[1], (2, 32, 4, 8))
+    v = jax.random.normal(keys[2], (2, 32, 4, 8))
+    bias = jax.random.normal(keys[3], (2, 8, 16, 32))
+    sinks = jax.random.normal(keys[4], (8,))
+    w = jax.random.normal(jax.random.PRNGKey(12), (2, 16, 8, 8))
+
+    def loss(attend):
+        def f(q, k, v, bias, sinks):
+            return jnp.sum(
+                attend(q, k, v, bias=bias, sinks=sinks, causal=True, implementation="reference") * w
+            )
+
+        return f
+
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
+    got = jax.jit(jax.value_and_grad(loss(ours), argnums=tuple(range(5))))(q, k, v, bias, sinks)
+    want = jax.jit(jax.value_and_grad(loss(flash_attention), argnums=tuple(range(5))))(q, k, v, bias, sinks)
+    assert_close("loss", got[0], want[0], tolerance(jnp.float32))
+    for name, g, r in zip(("q", "k", "v", "bias", "sinks"), got[1], want[1], strict=True):
+        assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
 
 
 # ----------------------------------------------------------------------------------------------------
