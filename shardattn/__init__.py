@@ -7,6 +7,7 @@ from shardattn.checks import debug_checks  # noqa: E402
 from shardattn.decay import DECAY_PRESETS, decay_slopes  # noqa: E402
 from shardattn.lightning import lightning_attention  # noqa: E402
 from shardattn.sharded import sharded_lightning  # noqa: E402
+from shardattn.sharded_attention import sharded_attention  # noqa: E402
 
 __all__ = [
     "DECAY_PRESETS",
@@ -16,5 +17,6 @@ __all__ = [
     "flash_attention",
     "lightning_attention",
     "merge_attention",
+    "sharded_attention",
     "sharded_lightning",
 ]

@@ -112,3 +112,45 @@ def test_shard_qkv_on_one_device_array():
     assert placed.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "seq")), 4)
     assert {s.data.shape for s in placed.addressable_shards} == {(2, 2, 2, 4)}
     np.testing.assert_array_equal(np.asarray(placed), np.asarray(x))
+
+
+def test_zigzag_layout_round_trip():
+    from shardattn.meshes import from_zigzag, to_zigzag, zigzag_order
+
+    mesh = make_mesh(data=2, seq=4)
+    assert zigzag_order(4).tolist() == [0, 7, 1, 6, 2, 5, 3, 4]
+    x = np.random.default_rng(0).standard_normal((2, 16, 3, 5)).astype(np.float32)
+    zz = to_zigzag(x, mesh)
+    # Shard r of the reordered sequence holds chunks r and 2P-1-r of 2 tokens each.
+    chunks = x.reshape(2, 8, 2, 3, 5)
+    for r in range(4):
+        np.testing.assert_array_equal(np.asarray(zz[:, 4 * r : 4 * r + 2]), chunks[:, r])
+        np.testing.assert_array_equal(np.asarray(zz[:, 4 * r + 2 : 4 * r + 4]), chunks[:, 7 - r])
+    np.testing.assert_array_equal(np.asarray(from_zigzag(zz, mesh)), x)
+    # Under jit, on [B, T] token arrays, on another axis (a bias's key dimension), custom axis names.
+    tokens = np.arange(32).reshape(2, 16)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(lambda t: from_zigzag(to_zigzag(t, mesh), mesh))(tokens)), tokens
+    )
+    bias = np.random.default_rng(1).standard_normal((1, 2, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(to_zigzag(bias, mesh, axis=3)[..., 2:4]), bias[..., 14:16])
+    custom = Mesh(np.array(jax.devices()).reshape(2, 4), ("dp", "sp"))
+    np.testing.assert_array_equal(np.asarray(to_zigzag(x, custom, "sp")), np.asarray(zz))
+    # A mesh without a sequence axis: one shard, nothing moves.
+    np.testing.assert_array_equal(np.asarray(to_zigzag(x, custom)), x)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((np.zeros((2, 12)),), {}, r"x.shape\[1\]=12 \(the sequence\) must be divisible by 2 \* \(size"),
+        ((np.zeros((2, 16)),), {"axis": 2}, r"axis=2 must be an int naming a dimension"),
+        ((np.zeros((2, 16)), "sequence"), {}, r"seq_axis='sequence' is not an axis of the mesh"),
+    ],
+    ids=str,
+)
+def test_zigzag_errors(args, kwargs, match):
+    from shardattn.meshes import to_zigzag
+
+    with pytest.raises(ValueError, match=match):
+        to_zigzag(args[0], make_mesh(data=2, seq=4), *args[1:], **kwargs)
