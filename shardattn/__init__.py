@@ -2,6 +2,14 @@
 
 from shardattn.decay import DECAY_PRESETS, decay_slopes
 from shardattn.lightning import lightning_attention
+from shardattn.serving import lightning_decode, lightning_prefill
 from shardattn.sharded import sharded_lightning
 
-__all__ = ["DECAY_PRESETS", "decay_slopes", "lightning_attention", "sharded_lightning"]
+__all__ = [
+    "DECAY_PRESETS",
+    "decay_slopes",
+    "lightning_attention",
+    "lightning_decode",
+    "lightning_prefill",
+    "sharded_lightning",
+]
