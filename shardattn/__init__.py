@@ -6,6 +6,7 @@ from shardattn.attention import flash_attention, merge_attention  # noqa: E402
 from shardattn.checks import debug_checks  # noqa: E402
 from shardattn.decay import DECAY_PRESETS, decay_slopes  # noqa: E402
 from shardattn.lightning import lightning_attention  # noqa: E402
+from shardattn.serving import lightning_decode, lightning_prefill  # noqa: E402
 from shardattn.sharded import sharded_lightning  # noqa: E402
 from shardattn.sharded_attention import sharded_attention  # noqa: E402
 
@@ -16,6 +17,8 @@ __all__ = [
     "decay_slopes",
     "flash_attention",
     "lightning_attention",
+    "lightning_decode",
+    "lightning_prefill",
     "merge_attention",
     "sharded_attention",
     "sharded_lightning",

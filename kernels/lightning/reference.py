@@ -27,6 +27,19 @@ no cu_seqlens; a backend may leave them out (then xla.py's are used):
         the final state from a zero initial state: sum_j lam^(T-1-p_j) k_j^T v_j (p: processing position)
     state_gradient(q, do, slopes, *, scale, reverse=False) -> [B, H, Dk, Dv] float32
         d(initial_state) under the cotangent (do, 0): scale * sum_i lam^(p_i+1) q_i^T do_i
+
+Serving (shardattn.serving) adds one more, values only, never differentiated; a backend may leave it
+out (then the next backend in the list serves):
+
+    decode(q, k, v, cache, slot_idx, slopes, *, scale) -> (o, cache)
+        q: [B, H, Dk]   k: [B, Hkv, Dk]   v: [B, Hkv, Dv]   (one new token per row)
+        cache: [num_slots, H, Dk, Dv] float32 (one recurrent state per slot)   slot_idx: [B] int32
+        one recurrence step per row b with s = slot_idx[b] in [0, num_slots):
+            S = lam * cache[s] + k_b^T v_b      o_b = scale * q_b S      cache[s] := S
+        rows with s outside [0, num_slots) (-1 marks padding) give o_b = 0 and change no slot.
+        returns (o [B, H, Dv] in q.dtype, the updated cache [num_slots, H, Dk, Dv] float32).
+        The rows' used slots are distinct (the API layer checks it when slot_idx is concrete); a
+        backend may update the cache in place when the caller donates it.
 """
 
 import jax
@@ -103,3 +116,25 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
         lambda s0: lightning_attention(q, k, v, slopes, s0, scale=scale, reverse=reverse), s0
     )
     return pullback((do, jnp.zeros_like(s0)))[0]
+
+
+def decode(q, k, v, cache, slot_idx, slopes, *, scale):
+    # One row at a time, in order: the recurrence step of lightning_attention above, on a cached state.
+    H, Dk = q.shape[1:]
+    group = H // k.shape[1]
+    num_slots = cache.shape[0]
+    decay = jnp.exp(-slopes.astype(jnp.float32))
+
+    def row(cache, inputs):
+        q_b, k_b, v_b, slot = inputs
+        used = (slot >= 0) & (slot < num_slots)
+        s = jnp.clip(slot, 0, num_slots - 1)
+        k_b = jnp.repeat(k_b.astype(jnp.float32), group, axis=0)  # [H, Dk]
+        v_b = jnp.repeat(v_b.astype(jnp.float32), group, axis=0)  # [H, Dv]
+        state = decay[:, None, None] * cache[s] + k_b[:, :, None] * v_b[:, None, :]
+        o_b = scale * jnp.einsum("hk,hkv->hv", q_b.astype(jnp.float32), state, precision="highest")
+        cache = cache.at[s].set(jnp.where(used, state, cache[s]))  # a padding row writes back what it read
+        return cache, jnp.where(used, o_b, 0.0)
+
+    cache, o = jax.lax.scan(row, cache.astype(jnp.float32), (q, k, v, slot_idx))
+    return o.astype(q.dtype), cache

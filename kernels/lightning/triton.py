@@ -933,3 +933,20 @@ def _state_gradient(q, do, slopes, scale, reverse, blocks):
         return g_seg[:, :, 0]
     before = [s * TSEG for s in range(P)]  # tokens processed before segment s
     return jnp.sum(_segment_weights(slopes, before) * g_seg, axis=2)
+
+
+# ------------------------------------------------------------------------------ serving (reference.py)
+
+
+def decode(q, k, v, cache, slot_idx, slopes, *, scale):
+    """One decode step against a slot-indexed state cache (reference.py: decode); the kernel, which
+    updates the cache in place through input_output_aliases, is in triton_decode.py.
+
+    q: [B, H, Dk]  k: [B, Hkv, Dk]  v: [B, Hkv, Dv]  cache: [num_slots, H, Dk, Dv] float32
+    slot_idx: [B] int32. Returns (o [B, H, Dv] in q.dtype, cache).
+    """
+    as_tokens = lambda x: jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[1:]), x.dtype)  # [B, 1, h, D]
+    _check_supported(as_tokens(q), as_tokens(k), as_tokens(v))
+    from shardattn.kernels.lightning import triton_decode  # imported on first use: it imports triton
+
+    return triton_decode.decode(q, k, v, cache, slot_idx, slopes, scale=scale)

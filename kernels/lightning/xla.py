@@ -193,3 +193,28 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
     p = _processing_position(q.shape[1], reverse)
     weights = jnp.exp(-slopes[None, :].astype(jnp.float32) * (p[:, None] + 1.0))
     return scale * _weighted_states(q, do, weights, _matmul_precision(q.dtype))
+
+
+# ---- serving (reference.py: decode): a gather of the used slots, one recurrence step, a scatter back
+
+
+def decode(q, k, v, cache, slot_idx, slopes, *, scale):
+    B, H, Dk = q.shape
+    Hkv, Dv = k.shape[1], v.shape[-1]
+    G = H // Hkv
+    num_slots = cache.shape[0]
+    used = (slot_idx >= 0) & (slot_idx < num_slots)
+    # Padding rows index one past the end: their gather fills zeros without reading any slot, and their
+    # scatter is dropped, so slot -1 never aliases slot num_slots - 1 (negative indices would wrap).
+    target = jnp.where(used, slot_idx, num_slots)
+    state = cache.at[target].get(mode="fill", fill_value=0.0).reshape(B, Hkv, G, Dk, Dv)
+    decay = jnp.exp(-slopes.astype(jnp.float32)).reshape(Hkv, G)
+    kv = k.astype(jnp.float32)[:, :, None, :, None] * v.astype(jnp.float32)[:, :, None, None, :]
+    state = decay[None, :, :, None, None] * state + kv  # [B, Hkv, G, Dk, Dv]; kv shared by the group
+    # A matrix-vector product per (row, head), memory-bound: full float32 precision costs nothing here.
+    o = scale * jnp.einsum(
+        "bjgk,bjgkv->bjgv", q.astype(jnp.float32).reshape(B, Hkv, G, Dk), state, precision="highest"
+    )
+    o = jnp.where(used[:, None, None, None], o, 0.0).reshape(B, H, Dv)
+    cache = cache.at[target].set(state.reshape(B, H, Dk, Dv), mode="drop")
+    return o.astype(q.dtype), cache
