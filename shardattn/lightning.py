@@ -38,7 +38,8 @@ def _concrete(x):
 def _as_array(name, x):
     """x as an array: jax.Arrays (tracers included) and numpy arrays as they are, array-likes (nested
     lists, scalars) through jnp.asarray; anything else is a TypeError naming the argument."""
-    if isinstance(x, (jax.Array, np.ndarray)):
+    # jax.ShapeDtypeStruct too: shardattn.serving runs these checks on shapes and dtypes alone.
+    if isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
         return x
     try:
         return jnp.asarray(x)

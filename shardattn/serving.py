@@ -1,6 +1,6 @@
 """Serving lightning attention: a slot-indexed float32 state cache, one decode step, packed prefill into it.
 
-The cache holds one recurrent state per slot, `cache: [num_slots, H, Dk, Dv]` float32 (DESIGN.md,
+The cache holds one recurrent state per slot, `cache: [num_slots, H, Dk, Dv]` float32 (docs/design.md,
 "Serving"); a request owns one slot for its lifetime and `slot_idx` maps each row of a call (decode) or
 each packed request (prefill) to its slot. `slot_idx = -1` marks a padding row: its output is 0 and no slot
 changes (vLLM's convention). Both functions are pure, `(o, cache) = f(..., cache, ...)`; under
@@ -192,11 +192,12 @@ def lightning_decode(
             raise ValueError(
                 f"{name} must be [batch, heads, head_dim] (one token per row), got shape {jnp.shape(x)}"
             )
-    slopes, scale, implementations = check_and_derive(
+    checked = check_and_derive(
         _as_one_token(q), _as_one_token(k), _as_one_token(v), slopes=slopes, layer_idx=layer_idx,
         num_layers=num_layers, decay=decay, scale=scale, initial_state=None, cu_seqlens=None,
         implementation=implementation,
     )  # fmt: skip
+    slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
     B, H, Dk = q.shape
     _check_cache(cache, slot_idx, B, H, Dk, v.shape[2], "batch")
     if mesh is not None:
@@ -239,10 +240,11 @@ def lightning_prefill(
     """
     if cu_seqlens is None:
         raise ValueError("cu_seqlens must be given: [N + 1] request boundaries of the packed batch")
-    slopes, scale, implementations = check_and_derive(
+    checked = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=None, cu_seqlens=cu_seqlens, implementation=implementation,
     )  # fmt: skip
+    slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
     _, _, H, Dk = q.shape
     _check_cache(cache, slot_idx, cu_seqlens.shape[0] - 1, H, Dk, v.shape[3], "number of requests")
     cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
