@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardattn.lightning import _concrete, check_and_derive, run_backends
+from shardattn.lightning import _as_array, _concrete, check_and_derive, run_backends
 from shardattn.meshes.specs import axis_size, resolve_axes
 from shardattn.meshes.specs import place as place_on
 
@@ -187,6 +187,10 @@ def lightning_decode(
     >>> step = jax.jit(functools.partial(lightning_decode, layer_idx=0, num_layers=24), donate_argnums=3)
     >>> o, cache = step(q, k, v, cache, slot_idx)
     """
+    # Array-likes (lists, numpy) as arrays; other types a TypeError naming the argument.
+    q, k, v, cache, slot_idx = (
+        _as_array(n, x) for n, x in (("q", q), ("k", k), ("v", v), ("cache", cache), ("slot_idx", slot_idx))
+    )
     for name, x in (("q", q), ("k", k), ("v", v)):
         if getattr(x, "ndim", None) != 3:
             raise ValueError(
@@ -240,11 +244,13 @@ def lightning_prefill(
     """
     if cu_seqlens is None:
         raise ValueError("cu_seqlens must be given: [N + 1] request boundaries of the packed batch")
+    cache, slot_idx = _as_array("cache", cache), _as_array("slot_idx", slot_idx)
     checked = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=None, cu_seqlens=cu_seqlens, implementation=implementation,
     )  # fmt: skip
     slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
+    q, k, v, cu_seqlens = checked.q, checked.k, checked.v, checked.cu_seqlens  # arrays now
     _, _, H, Dk = q.shape
     _check_cache(cache, slot_idx, cu_seqlens.shape[0] - 1, H, Dk, v.shape[3], "number of requests")
     cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)

@@ -203,3 +203,23 @@ def test_traced_calls_trace_the_backend_afresh(monkeypatch):
     for _ in range(2):
         jax.jit(lambda q: attention(q, X["k"], X["v"], X["slopes"]))(X["q"])
     assert len(calls) == 2
+
+
+def test_serving_accepts_array_likes():
+    # lightning_decode / lightning_prefill take lists and numpy arrays like lightning_attention does.
+    H, D, slots = 2, 8, 4
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, k, v = (jax.random.normal(key, (1, 6, H, D)) for key in keys[:3])
+    cache = jax.random.normal(keys[3], (slots, H, D, D))
+    slot_idx = jnp.array([2, 0], jnp.int32)
+    cu = jnp.array([0, 2, 6], jnp.int32)
+    kw = dict(slopes=X["slopes"], implementation="xla")
+    as_list = lambda x: np.asarray(x).tolist()
+    want = shardattn.lightning_prefill(q, k, v, cache, slot_idx, cu, **kw)
+    got = shardattn.lightning_prefill(*map(as_list, (q, k, v, cache, slot_idx, cu)), **kw)
+    want_d = shardattn.lightning_decode(q[0, :2], k[0, :2], v[0, :2], cache, slot_idx, **kw)
+    got_d = shardattn.lightning_decode(*map(as_list, (q[0, :2], k[0, :2], v[0, :2], cache, slot_idx)), **kw)
+    for a, b in zip((*got, *got_d), (*want, *want_d), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(TypeError, match="cache must be an array"):
+        shardattn.lightning_decode(q[0, :2], k[0, :2], v[0, :2], "cache", slot_idx, **kw)
