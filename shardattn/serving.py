@@ -192,11 +192,12 @@ def lightning_decode(
             raise ValueError(
                 f"{name} must be [batch, heads, head_dim] (one token per row), got shape {jnp.shape(x)}"
             )
-    slopes, scale, implementations = check_and_derive(
+    checked = check_and_derive(
         _as_one_token(q), _as_one_token(k), _as_one_token(v), slopes=slopes, layer_idx=layer_idx,
         num_layers=num_layers, decay=decay, scale=scale, initial_state=None, cu_seqlens=None,
         implementation=implementation,
     )  # fmt: skip
+    slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
     B, H, Dk = q.shape
     _check_cache(cache, slot_idx, B, H, Dk, v.shape[2], "batch")
     if mesh is not None:
@@ -239,10 +240,12 @@ def lightning_prefill(
     """
     if cu_seqlens is None:
         raise ValueError("cu_seqlens must be given: [N + 1] request boundaries of the packed batch")
-    slopes, scale, implementations = check_and_derive(
+    checked = check_and_derive(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=None, cu_seqlens=cu_seqlens, implementation=implementation,
     )  # fmt: skip
+    q, k, v, cu_seqlens = checked.q, checked.k, checked.v, checked.cu_seqlens
+    slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
     _, _, H, Dk = q.shape
     _check_cache(cache, slot_idx, cu_seqlens.shape[0] - 1, H, Dk, v.shape[3], "number of requests")
     cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)
