@@ -32,7 +32,23 @@ def enabled() -> bool:
 @functools.cache
 def _setup():
     import torch
+    import triton.language as tl
+    from triton.runtime import interpreter
 
+    # Triton 3.6's interpreter multiplies the uint16 bit patterns of bfloat16 dot operands (numpy has
+    # no bfloat16): widen them to float32 first (exact), as the tensor cores do.
+    dot = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, *args):
+        def widen(x):
+            if x.dtype.scalar != tl.bfloat16:
+                return x
+            wide = interpreter._convert_float(x.data, tl.bfloat16, tl.float32, None).view(np.float32)
+            return interpreter.TensorHandle(wide.reshape(x.data.shape), tl.float32)
+
+        return dot(self, widen(a), widen(b), d, *args)
+
+    interpreter.InterpreterBuilder.create_dot = create_dot
     return torch
 
 

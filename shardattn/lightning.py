@@ -37,8 +37,8 @@ def _concrete(x):
 
 def _as_array(name, x):
     """x as an array: jax.Arrays (tracers included) and numpy arrays as they are, array-likes (nested
-    lists, scalars) through jnp.asarray; anything else is a TypeError naming the argument."""
-    # jax.ShapeDtypeStruct too: shardattn.serving runs these checks on shapes and dtypes alone.
+    lists, scalars) through jnp.asarray; anything else is a TypeError naming the argument. Shape-only
+    stand-ins (jax.ShapeDtypeStruct: serving checks one decode token as a [B, 1, H, D] sequence) pass too."""
     if isinstance(x, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
         return x
     try:

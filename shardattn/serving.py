@@ -249,8 +249,8 @@ def lightning_prefill(
         q, k, v, slopes=slopes, layer_idx=layer_idx, num_layers=num_layers, decay=decay, scale=scale,
         initial_state=None, cu_seqlens=cu_seqlens, implementation=implementation,
     )  # fmt: skip
+    q, k, v, cu_seqlens = checked.q, checked.k, checked.v, checked.cu_seqlens
     slopes, scale, implementations = checked.slopes, checked.scale, checked.implementations
-    q, k, v, cu_seqlens = checked.q, checked.k, checked.v, checked.cu_seqlens  # arrays now
     _, _, H, Dk = q.shape
     _check_cache(cache, slot_idx, cu_seqlens.shape[0] - 1, H, Dk, v.shape[3], "number of requests")
     cu_seqlens = jnp.asarray(cu_seqlens, jnp.int32)

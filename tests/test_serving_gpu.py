@@ -15,6 +15,7 @@ from helpers import assert_close, tolerance
 from test_serving import NUM_SLOTS, SCALE, per_request_reference, random_problem, run_decode
 
 import shardattn
+from shardattn.kernels import triton_interpret
 from shardattn.kernels.lightning import reference
 from shardattn.meshes import make_mesh
 
@@ -63,6 +64,7 @@ def test_decode_padding_rows():
     assert_close("cache vs xla", new_cache, cache_xla, tolerance(jnp.float32))
 
 
+@pytest.mark.skipif(triton_interpret.enabled(), reason="the CPU interpreter's callback cannot alias buffers")
 def test_decode_updates_donated_cache_in_place():
     # The compiled module aliases the donated cache to the output, and its temporary memory stays far
     # below the cache's size: the kernel writes into the caller's buffer, no copy of the cache is made.
@@ -102,6 +104,7 @@ def test_block_sizes(bv, num_warps):
     assert_close("cache", new_cache, cache_ref, tolerance(jnp.float32))
 
 
+@pytest.mark.skipif(triton_interpret.enabled(), reason="a cache past 2**31 elements: too big for the host")
 def test_large_cache_int64_offsets():
     # 131073 slots of one 128 x 128 head: slot offsets pass 2^31 elements (8.6 GB of float32 states).
     num_slots = 2**31 // (128 * 128) + 1
@@ -125,7 +128,7 @@ def test_large_cache_int64_offsets():
 
 def test_inside_shard_map_with_varying_axes_checked():
     # Head-parallel decode on a one-GPU mesh (shard_map with check_vma=True) equals the bare kernel call.
-    mesh = make_mesh(data=1, seq=1, heads=1)
+    mesh = make_mesh(data=1, seq=1, heads=1, devices=jax.devices()[:1])
     q, k, v, slopes, cache = random_problem(16, B=3, T=1, H=4, Hkv=2, Dk=64, Dv=32, dtype=jnp.bfloat16)
     slot_idx = jnp.array([2, -1, 4], jnp.int32)
     kw = dict(slopes=slopes, scale=SCALE, implementation="triton")

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import triton
 import triton.language as tl
 
+from shardattn.kernels import triton_interpret
 from shardattn.kernels.lightning.varying import match_varying
 
 
@@ -125,21 +126,26 @@ def decode(q, k, v, cache, slot_idx, slopes, *, scale, blocks: BlockSizes | None
     q: [B, H, Dk]  k: [B, Hkv, Dk]  v: [B, Hkv, Dv]  cache float32  slot_idx: [B] int32  slopes: [H].
     Called through triton.py's `decode`, which checks that the backend can run here.
     """
-    import jax_triton as jt
-
     B, H, DK = q.shape
     HKV, DV = k.shape[1], v.shape[2]
     blocks = blocks or BlockSizes.get_default(DK, DV)
     BV = min(blocks.bv, _pow2(DV))
     inputs = (q, k, v, slopes.astype(jnp.float32), slot_idx.astype(jnp.int32), cache)
-    o_shape = jax.ShapeDtypeStruct((B, H, DV), q.dtype)
+    out_shape = (jax.ShapeDtypeStruct((B, H, DV), q.dtype), jax.ShapeDtypeStruct(cache.shape, cache.dtype))
+    grid = (B * H, -(-DV // BV))
+    meta = dict(H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=BV, NUM_SLOTS=cache.shape[0], SCALE=float(scale))
+    if triton_interpret.enabled():  # CPU interpreter: the aliased output is the input tensor itself
+        o, new_cache = triton_interpret.launch(
+            decode_kernel, grid, inputs, out_shape, input_output_aliases={CACHE_INPUT: 1}, **meta
+        )
+        return o, new_cache
+    import jax_triton as jt
+
     new_api = tuple(jt.__version_info__[:2]) >= (0, 4)
     o, new_cache = jt.triton_call(
-        *inputs, kernel=decode_kernel_aliased if new_api else decode_kernel,
-        out_shape=(o_shape, jax.ShapeDtypeStruct(cache.shape, cache.dtype)),
-        grid=(B * H, -(-DV // BV)), input_output_aliases={CACHE_INPUT: 1}, name="lightning_decode",
-        num_warps=blocks.num_warps, num_stages=1,
-        H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=BV, NUM_SLOTS=cache.shape[0], SCALE=float(scale),
+        *inputs, kernel=decode_kernel_aliased if new_api else decode_kernel, out_shape=out_shape, grid=grid,
+        input_output_aliases={CACHE_INPUT: 1}, name="lightning_decode", num_warps=blocks.num_warps,
+        num_stages=1, **meta,
     )  # fmt: skip
     # Inside shard_map triton_call's outputs are typed as varying over no mesh axis (see varying.py).
     return match_varying(o, q, k, v, cache, slopes), match_varying(new_cache, q, k, v, cache, slopes)
