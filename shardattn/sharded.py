@@ -463,7 +463,8 @@ def sharded_lightning(
     `()` leaves the role unsharded. B and H must be divisible by their axis sizes; Hkv too, or it
     must divide the head-axis size (then k and v are replicated over that axis). Any T: a length the
     sequence axis does not divide is padded inside, exactly (outputs, final state and gradients are
-    those of the unpadded call; o then comes back with T tokens, no longer evenly sharded).
+    those of the unpadded call; o of T tokens cannot be sharded evenly, so it comes back gathered over
+    the sequence axis: pad long sequences yourself to keep o sharded).
     `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
 
     >>> mesh = shardattn.meshes.make_mesh(data=2, seq=4)
