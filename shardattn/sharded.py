@@ -572,6 +572,9 @@ def sharded_lightning(
     if not pad:
         return out
     o, final = out if plan.return_state else (out, None)
+    # o of T tokens cannot be sharded evenly over the sequence axis: gathered over it, then sliced (said
+    # before the slice, which a mesh with Explicit axes requires).
+    o = place(o, P(_entry(axes.batch), None, axes.heads, None))
     o = o[:, pad:] if plan.reverse and not packed else o[:, :T]
     if final is not None and packed:
         final = final[:-1]  # the pad sequence's

@@ -4,6 +4,7 @@ Outputs, final states and every gradient against the unpadded single-device refe
 CPU devices; shard_qkv refuses such lengths with our error.
 """
 
+import jax
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
@@ -51,6 +52,20 @@ def test_long_odd_length_forward():
     o = sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, scan="tree", implementation="xla", **kw)
     o_ref = shardattn.lightning_attention(x["q"], x["k"], x["v"], implementation="reference", **kw)
     assert_close("o", o, o_ref, tolerance(case.dtype))
+
+
+def test_padded_on_explicit_mesh_eager_and_jitted():
+    # jax.make_mesh's Explicit axes: the padded output is gathered over "seq" before it is sliced.
+    case = Case(B=2, T=61, H=2, Dk=8)
+    x = make_inputs(case, 3, with_state=True)
+    mesh = jax.make_mesh((2, 4), ("data", "seq"))
+    kw = dict(slopes=x["slopes"], initial_state=x["initial_state"], scale=SCALE, return_state=True)
+    o_ref, s_ref = shardattn.lightning_attention(x["q"], x["k"], x["v"], implementation="reference", **kw)
+    run = lambda q, k, v: sharded_lightning(q, k, v, mesh=mesh, implementation="xla", **kw)  # noqa: E731
+    for how, fn in (("eager", run), ("jit", jax.jit(run))):
+        o, s = fn(x["q"], x["k"], x["v"])
+        assert_close(f"o ({how})", o, o_ref, tolerance(case.dtype))
+        assert_close(f"final_state ({how})", s, s_ref, tolerance(case.dtype))
 
 
 def test_shard_qkv_refuses_lengths_the_axis_does_not_divide():
