@@ -22,6 +22,10 @@ Three scans, all exact:
 - "tree": ceil(log2 P) rounds of ppermute of (a, S) pairs, Hillis-Steele, carrying an exclusive and an
   inclusive prefix so that no extra shift round is needed.
 - "allgather": one all_gather of (a, S) and a decay-weighted prefix sum on every shard (LASP-2 with decay).
+
+Non-finite values travel only forward: every masked term of the scans and corrections is selected away
+(`where`), never multiplied by 0. A length T that the sequence axis does not divide is padded with zero
+tokens processed last (`_pad_sequence`), and the final state is then computed over the real tokens.
 """
 
 import dataclasses

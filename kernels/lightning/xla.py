@@ -12,6 +12,9 @@ per-token state is ever kept.
 Packed sequences (cu_seqlens) are re-laid so that every sequence starts at a chunk boundary: each chunk
 then carries a valid length, a "starts a sequence" flag and a sequence id, and the scan resets the state
 to that sequence's initial state at a start. The re-layout is one gather in and one gather out.
+
+A NaN or inf in k or v at token t reaches outputs at t and after only (see _chunked): the in-chunk
+matmuls run on zeroed copies with the causal mask selected, and the NaN is put back from t on.
 """
 
 import jax
