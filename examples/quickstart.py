@@ -67,7 +67,8 @@ def main(argv=None):
     layer_idx, num_layers = 3, 24
     print(f"devices: {n} x {devices[0].platform} ({devices[0].device_kind})")
     print(
-        f"mesh: {dict(mesh.shape)}  q, k, v: [B={B}, T={T}, H={H}, D={D}] -> {T // seq} tokens per seq shard"
+        f"mesh: {dict(mesh.shape)}  q, k, v: [B={B}, T={T}, H={H}, D={D}] -> "
+        f"{-(-T // seq)} tokens per seq shard" + (f" ({-T % seq} pad tokens)" if T % seq else "")
     )
     state_bytes = (B // data) * H * D * D * 4
     print(
@@ -92,7 +93,9 @@ def main(argv=None):
     ok = True
     for dtype in (jnp.float32, jnp.bfloat16):
         name = jnp.dtype(dtype).name
-        x = [shard_qkv(a.astype(dtype), mesh) for a in (q, k, v)]  # placed over data and seq
+        x = [a.astype(dtype) for a in (q, k, v)]
+        if T % seq == 0:  # placed over data and seq; other lengths go in unplaced: sharded_lightning pads
+            x = [shard_qkv(a, mesh) for a in x]
         sharded = loss_and_grads(sharded_lightning, mesh=mesh, scan=args.scan)
         ((_, o), grads), first, again = timed(sharded, *x)
         # The reference sees the same rounded inputs, in float32, on one device.

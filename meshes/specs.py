@@ -179,7 +179,23 @@ def shard_qkv(x, mesh, batch_axis=None, seq_axis=None, head_axis=None):
     """Places a [B, T, H, D] array on `mesh` with `qkv_spec` (a no-op when already placed so).
 
     Works on numpy arrays, on jax.Arrays of any placement, and inside jax.jit (as a sharding
-    constraint), for meshes with Auto or Explicit axes.
+    constraint), for meshes with Auto or Explicit axes. Every sharded dimension must be divisible by its
+    axis size (ValueError otherwise; sharded_lightning takes unplaced arrays of any length and pads).
     """
     spec = qkv_spec(mesh, batch_axis, seq_axis, head_axis)
+    shape = np.shape(x)
+    if len(shape) != 4:
+        raise ValueError(f"shard_qkv takes a [batch, seq, heads, head_dim] array, got shape {shape}")
+    for dim, (what, entry) in enumerate(zip(("batch", "seq", "heads"), spec[:3], strict=True)):
+        shards = axis_size(mesh, entry)
+        if shape[dim] % shards:
+            hint = (
+                "pass the arrays unplaced to sharded_lightning, which pads the sequence itself"
+                if what == "seq"
+                else f"leave that role unsharded ({what.rstrip('s')}_axis=())"
+            )
+            raise ValueError(
+                f"shard_qkv: {what}={shape[dim]} (dimension {dim} of shape {shape}) is not divisible by "
+                f"the size of mesh axis {entry!r}, {shards}; {hint}"
+            )
     return place(x, NamedSharding(mesh, spec))

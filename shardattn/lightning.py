@@ -193,6 +193,25 @@ def check_and_derive(
     )  # fmt: skip
 
 
+# JAX's words when jax.jvp / jax.jacfwd meet a jax.custom_vjp function (the Triton and Pallas kernels, and
+# sharded_lightning's sequence shards without cu_seqlens, have custom backward rules).
+_JAX_JVP_REFUSAL = "can't apply forward-mode autodiff"
+
+
+def is_forward_mode_refusal(err: Exception) -> bool:
+    return isinstance(err, TypeError) and _JAX_JVP_REFUSAL in str(err)
+
+
+def forward_mode_error(function: str, path: str) -> TypeError:
+    """Our error for forward-mode autodiff through a custom_vjp path: what is refused and what works."""
+    return TypeError(
+        f"{function}: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.linearize) is not supported on "
+        f"{path}, whose gradient is a custom backward rule (jax.custom_vjp). Use reverse mode (jax.grad, "
+        "jax.vjp, jax.jacrev), or implementation='xla' (or 'reference') on one device, on batch and head "
+        "shards, or on sequence shards with cu_seqlens: those support both modes."
+    )
+
+
 def run_backends(implementations, *args, function="lightning_attention", **kwargs):
     """Calls `function` of the first backend in `implementations` that can serve the call."""
     reasons = []
@@ -270,4 +289,10 @@ def lightning_attention(
     )  # fmt: skip
     options = _Options(x.scale, x.reverse, x.return_state, x.implementations)
     arrays = (x.q, x.k, x.v, x.slopes, x.initial_state, x.cu_seqlens)
-    return (_run if _is_traced(*arrays) else _run_jitted)(options, *arrays)
+    try:
+        return (_run if _is_traced(*arrays) else _run_jitted)(options, *arrays)
+    except TypeError as err:
+        if not is_forward_mode_refusal(err):
+            raise
+        path = f"the Triton and Pallas kernels (this call: implementation={x.implementations})"
+        raise forward_mode_error("lightning_attention", path) from err

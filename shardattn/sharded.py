@@ -22,6 +22,10 @@ Three scans, all exact:
 - "tree": ceil(log2 P) rounds of ppermute of (a, S) pairs, Hillis-Steele, carrying an exclusive and an
   inclusive prefix so that no extra shift round is needed.
 - "allgather": one all_gather of (a, S) and a decay-weighted prefix sum on every shard (LASP-2 with decay).
+
+Non-finite values travel only forward: every masked term of the scans and corrections is selected away
+(`where`), never multiplied by 0. A length T that the sequence axis does not divide is padded with zero
+tokens processed last (`_pad_sequence`), and the final state is then computed over the real tokens.
 """
 
 import dataclasses
@@ -32,7 +36,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardattn.lightning import check_and_derive, run_backends
+from shardattn.kernels.lightning.xla import weighted_state
+from shardattn.lightning import check_and_derive, forward_mode_error, is_forward_mode_refusal, run_backends
 from shardattn.meshes.specs import axis_size, check_axes_used, resolve_axes
 from shardattn.meshes.specs import place as place_on
 
@@ -66,6 +71,7 @@ class _Plan:
     packed: bool  # cu_seqlens given
     kv_replicated: bool  # k, v replicated over the head axis, each head shard slices its one kv head
     return_state: bool
+    real_len: int | None = None  # tokens before padding, when T was padded to a multiple of num_seq
 
 
 def choose_scan(scan: str, num_seq: int, state_bytes: int) -> str:
@@ -93,10 +99,24 @@ def _precision(dtype):
 # decays travel with the states.
 
 
-def _combine(first, second):
+# Non-finite values may only travel forward: a NaN in an earlier shard's state must reach later shards
+# (it does, through the products below) but nothing masked may pick it up. So every masked term is
+# selected away with `where`, never multiplied by 0 (0 * NaN = NaN), and with packed sequences a
+# transition a == 0 (a shard holding a sequence start) passes nothing older on, NaN included. (A decay
+# lam^n that underflows to 0 in float32 is then read as a start too: it drops older non-finite values
+# that the token-by-token recurrence would keep; finite values are unchanged, 0 * S = 0.)
+
+
+def _carry(a, s, resets):
+    """a S for a transition a [..., h] and state S [..., h, Dk, Dv]; 0 where a == 0 when `resets`."""
+    carried = a[..., None, None] * s
+    return jnp.where(a[..., None, None] == 0, 0.0, carried) if resets else carried
+
+
+def _combine(first, second, resets):
     """(a1, S1) o (a2, S2) = (a1 a2, a2 S1 + S2): run shard 1 then shard 2."""
     (a1, s1), (a2, s2) = first, second
-    return a1 * a2, a2[..., None, None] * s1 + s2
+    return a1 * a2, _carry(a2, s1, resets) + s2
 
 
 def _scan_ring(a, s, *, axis, num, step, phys, a_pow):
@@ -106,7 +126,7 @@ def _scan_ring(a, s, *, axis, num, step, phys, a_pow):
     perm = [(phys(i), phys(i + 1)) for i in range(num - 1)]
     s_in = jnp.zeros_like(s)  # zeros_like keeps s's varying axes (check_vma)
     for _ in range(num - 1):
-        s_in = jax.lax.ppermute(a[..., None, None] * s_in + s, axis, perm)
+        s_in = jax.lax.ppermute(_carry(a, s_in, a_pow is None) + s, axis, perm)
     return s_in
 
 
@@ -130,8 +150,8 @@ def _scan_tree(a, s, *, axis, num, step, phys, a_pow):
             received = (a_pow(covered), jax.lax.ppermute(inc[1], axis, perm))
         # Shards with step < d receive zeros, which are not the identity (1, 0): mask them out.
         has = step >= d
-        exc = _select(has, _combine(received, exc), exc)
-        inc = _select(has, _combine(received, inc), inc)
+        exc = _select(has, _combine(received, exc, a_pow is None), exc)
+        inc = _select(has, _combine(received, inc, a_pow is None), inc)
         d *= 2
     return exc[1]
 
@@ -149,8 +169,10 @@ def _scan_allgather(a, s, *, axis, num, step, phys, a_pow):
         all_a = jnp.flip(all_a, 0) if reverse else all_a
         between = (j[None, :] > j[:, None]) & (j[None, :] < step)  # [P (source j), P (factor m)]
         weight = jnp.prod(jnp.where(between[:, :, None, None], all_a[None], 1.0), axis=1)  # [P, 1, h]
-    weight = jnp.where(j[:, None, None] < step, weight, 0.0)
-    return jnp.sum(weight[..., None, None] * all_s, axis=0)
+    # Shards at or after `step` (and, packed, before a sequence start) are selected away, not weighted
+    # by 0: their states may hold NaN that must not flow back.
+    keep = (j[:, None, None] < step) & ((weight != 0) if a_pow is None else True)  # [P, 1, h]
+    return jnp.sum(jnp.where(keep[..., None, None], weight[..., None, None] * all_s, 0.0), axis=0)
 
 
 _SCAN_FNS = {"ring": _scan_ring, "tree": _scan_tree, "allgather": _scan_allgather}
@@ -162,11 +184,13 @@ def _add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, scale):
     o_loc, q: [b, n, h, D]; s_in [b, h, Dk, Dv]; proc_pos [n]: each token's position in processing order.
     Used with packed sequences; without them the incoming state goes into the backend (sequence_shard).
     """
-    reach = jnp.where(
-        proc_pos[:, None] < first_start, jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0)), 0.0
-    )  # [n, h]
+    before = proc_pos < first_start  # [n]
+    reach = jnp.exp(-slopes[None, :] * (proc_pos[:, None] + 1.0))  # [n, h]
     q_decayed = q.astype(jnp.float32) * reach[None, :, :, None]
     correction = jnp.einsum("bnhk,bhkv->bnhv", q_decayed, s_in, precision=_precision(q.dtype))
+    # Selected, not multiplied by 0: S_in may hold a NaN of an earlier sequence, which must not reach
+    # the sequences that start here.
+    correction = jnp.where(before[None, :, None, None], correction, 0.0)
     return (o_loc.astype(jnp.float32) + scale * correction).astype(o_loc.dtype)
 
 
@@ -221,6 +245,8 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
         o, s_out = sequence_shard(plan, q, k, v, slopes, initial_state, step)
         if not plan.return_state:
             return o
+        if plan.real_len is not None:  # padded: the last outgoing state has decayed over the pad tokens
+            return o, _real_final_state(plan, k, v, slopes, initial_state, step)
         # Final state: the last shard's outgoing state, shared with every sequence shard (the output is
         # replicated over the sequence axis) by a psum of the masked value.
         return o, jax.lax.psum(jnp.where(step == num - 1, s_out, 0.0), axis)
@@ -236,6 +262,28 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=None)
     o = _add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, plan.scale)
     return (o, finish(s_in)) if plan.return_state else o
+
+
+def _real_final_state(plan, k, v, slopes, initial_state, step):
+    """The final state over the real tokens of a padded sequence, [b, h, Dk, Dv] on every shard.
+
+    The pad tokens are zeros processed last, so every real output is exact, but the last shard's
+    outgoing state is lam^pad times the true one (and lam^pad may underflow, so no division undoes it).
+    Instead, exactly: S = lam^T S0 + sum over real tokens j of lam^(T-1-p_j) k_j^T v_j (p_j: global
+    processing position, T: real length), each shard its own tokens (one contraction), then a psum.
+    Plain JAX, so autodiff gives its gradients; the kernel's outgoing state is then unused.
+    """
+    n = k.shape[1]
+    T = plan.real_len
+    pos = jnp.arange(n)
+    p = step * n + (n - 1 - pos if plan.reverse else pos)  # [n]
+    # Pad tokens get weight 0, their exponent masked before exp (it would be positive: overflow).
+    distance = (T - 1 - p[:, None]).astype(jnp.float32)  # [n, 1]: tokens after j, up to the last real one
+    exponent = jnp.where(p[:, None] < T, -slopes[None, :] * distance, -jnp.inf)
+    mine = weighted_state(k, v, jnp.exp(exponent))
+    initial = jnp.exp(-slopes * T)[None, :, None, None] * initial_state
+    mine = mine + jnp.where(step == 0, initial, 0.0)
+    return jax.lax.psum(mine, plan.seq_axis)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -365,9 +413,13 @@ def _packed_local(plan, backend, q, slopes, initial_state, given_state, cu_seqle
         # Each sequence's final state comes from the shard holding its last token: the backend's local
         # final plus lam^len S_in when its piece there continued from an earlier shard. The length is
         # clipped before exp: masked-out entries would overflow, and inf * 0 is NaN in the gradient.
-        length = jnp.where(continued & ends_here, end - lo, 0).astype(jnp.float32)
-        carry = jnp.where((continued & ends_here)[:, None], jnp.exp(-slopes[None, :] * length[:, None]), 0.0)
-        mine = jnp.where(ends_here[:, None, None, None], fin_p + carry[..., None, None] * s_in, 0.0)
+        # S_in is selected away (not weighted by 0) for sequences that start here: it may hold an earlier
+        # sequence's NaN.
+        through = continued & ends_here
+        length = jnp.where(through, end - lo, 0).astype(jnp.float32)
+        carry = jnp.exp(-slopes[None, :] * length[:, None])[..., None, None] * s_in  # [N, h, Dk, Dv]
+        carry = jnp.where(through[:, None, None, None], carry, 0.0)
+        mine = jnp.where(ends_here[:, None, None, None], fin_p + carry, 0.0)
         final_p = jax.lax.psum(mine, plan.seq_axis)
         # Empty sequences have no last token: their final state is their initial state (as given, which
         # like final_p does not vary over the sequence axis).
@@ -412,8 +464,11 @@ def sharded_lightning(
 
     Axes: `batch_axis` (a name or a tuple of names), `seq_axis`, `head_axis`; None takes "data", "seq",
     "heads" when the mesh has that axis (the batch stays unsharded with cu_seqlens, which needs batch 1),
-    `()` leaves the role unsharded. T, B and H must be divisible by their axis sizes; Hkv too, or it
-    must divide the head-axis size (then k and v are replicated over that axis).
+    `()` leaves the role unsharded. B and H must be divisible by their axis sizes; Hkv too, or it
+    must divide the head-axis size (then k and v are replicated over that axis). Any T: a length the
+    sequence axis does not divide is padded inside, exactly (outputs, final state and gradients are
+    those of the unpadded call; o of T tokens cannot be sharded evenly, so it comes back gathered over
+    the sequence axis: pad long sequences yourself to keep o sharded).
     `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
     Unused axes: when a role is left at None and a mesh axis of size > 1 then serves no role (every
     device along it would compute the same result), it is a ValueError; name the axes, or pass every
@@ -456,7 +511,6 @@ def sharded_lightning(
     kv_replicated = bool(Hkv % num_heads) and num_heads % Hkv == 0
     for what, size, shards, axis in (
         ("batch", B, num_batch, axes.batch),
-        ("seq", T, num_seq, (axes.seq,)),
         ("num_heads (q)", H, num_heads, (axes.heads,)),
     ):
         if size % shards:
@@ -487,6 +541,14 @@ def sharded_lightning(
         packed=packed,
         return_state=x.return_state,
     )
+    # A sequence length the sequence axis does not divide is padded (with zeros, processed last: see
+    # _pad_sequence) to a multiple of it; the pad tokens' outputs and states are dropped below.
+    pad = -T % num_seq
+    if pad:
+        padded = _pad_sequence(q, k, v, initial_state, cu_seqlens, pad, plan.reverse)
+        q, k, v, initial_state, cu_seqlens = padded
+        if not packed:
+            plan = dataclasses.replace(plan, real_len=T)
 
     # Inputs of any placement (numpy, one device, other shardings) go to the specs shard_map expects:
     # a no-op when they already match, a transfer eagerly, a constraint under jit. A mesh with Explicit
@@ -507,7 +569,46 @@ def sharded_lightning(
             optional.append(len(args) - 1)
 
     out_specs = (spec_qkv, spec_state) if plan.return_state else spec_qkv
-    return _build(mesh, plan, tuple(in_specs), out_specs, tuple(optional))(*args)
+    try:
+        out = _build(mesh, plan, tuple(in_specs), out_specs, tuple(optional))(*args)
+    except TypeError as err:
+        if not is_forward_mode_refusal(err):
+            raise
+        if num_seq > 1 and not packed:
+            path = f"sequence shards (mesh axis {axes.seq!r} of size {num_seq}) without cu_seqlens"
+        else:
+            path = f"the Triton and Pallas kernels (this call: implementation={x.implementations})"
+        raise forward_mode_error("sharded_lightning", path) from err
+    if not pad:
+        return out
+    o, final = out if plan.return_state else (out, None)
+    # o of T tokens cannot be sharded evenly over the sequence axis: gathered over it, then sliced (said
+    # before the slice, which a mesh with Explicit axes requires).
+    o = place(o, P(_entry(axes.batch), None, axes.heads, None))
+    o = o[:, pad:] if plan.reverse and not packed else o[:, :T]
+    if final is not None and packed:
+        final = final[:-1]  # the pad sequence's
+    return (o, final) if plan.return_state else o
+
+
+def _pad_sequence(q, k, v, initial_state, cu_seqlens, pad, reverse):
+    """q, k, v with `pad` zero tokens where they are processed last, so that no real output sees them.
+
+    Without cu_seqlens: at the end (reverse=False) or the front (reverse=True); the final state is then
+    computed over the real tokens alone (_real_final_state). With cu_seqlens the pad tokens form one more
+    sequence at the end, from a zero initial state: no real sequence sees them, whatever the direction,
+    and its final state is dropped. Cost: the pad tokens' share of the work (under one token per shard)
+    and one copy of q, k, v.
+    """
+    at_front = reverse and cu_seqlens is None
+    widths = [(0, 0), (pad, 0) if at_front else (0, pad), (0, 0), (0, 0)]
+    q, k, v = (jnp.pad(x, widths) for x in (q, k, v))
+    if cu_seqlens is not None:
+        cu = jnp.asarray(cu_seqlens, jnp.int32)
+        cu_seqlens = jnp.concatenate([cu, cu[-1:] + pad])
+        if initial_state is not None:
+            initial_state = jnp.concatenate([initial_state, jnp.zeros_like(initial_state[:1])])
+    return q, k, v, initial_state, cu_seqlens
 
 
 @functools.lru_cache(maxsize=256)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import test_nonfinite as nonfinite
 from helpers import Case, assert_close, make_inputs, tolerance
 from test_lightning import check_against_reference, run_with_grads
 
@@ -298,3 +299,29 @@ def test_state_functions_inside_shard_map():
     want = jax.jit(both)(q, k, v, do, slopes)
     for name, a, b in zip(["local_state", "state_gradient"], got, want, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+# ---- non-finite values flow only forward (tests/test_nonfinite.py's checks, on the Triton kernels)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("reverse,packed", nonfinite.RUNS, ids=["fwd", "rev", "packed", "packed-rev"])
+def test_nonfinite_is_causal(reverse, packed, dtype):
+    # Chunks of 64: the poisoned tokens 37, 63, 64, 31 are mid-chunk, chunk end, chunk start, mid-chunk.
+    from shardattn.kernels.lightning import triton as backend
+
+    inner = nonfinite.backend_fn(backend, reverse, packed)
+    fn = jax.jit(lambda q, k, v, s, s0: inner(q.astype(dtype), k.astype(dtype), v.astype(dtype), s, s0))
+    nonfinite.check_causal(fn, reverse=reverse, packed=packed)
+
+
+# float32 takes the sequential backward (dq pass + dkdv_kernel), bfloat16 the chunk-parallel one.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_nan_in_q_reaches_no_later_key_gradient(reverse, dtype):
+    from shardattn.kernels.lightning import triton as backend
+
+    fn = lambda q, k, v, slopes, s0: backend.lightning_attention(  # noqa: E731
+        q, k, v, slopes, s0, None, scale=nonfinite.SCALE, reverse=reverse
+    )
+    nonfinite.check_q_nan_gradient(fn, reverse=reverse, dtype=dtype)

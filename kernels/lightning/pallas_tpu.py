@@ -149,6 +149,31 @@ def _decays(slope, length, chunk):
     return diff, intra, query, key_exp, key, whole, length_f
 
 
+def _isfinite(x):
+    return jnp.isfinite(x.astype(jnp.float32))  # Mosaic's is_finite takes float32 only
+
+
+def _finite(x):
+    return jnp.where(_isfinite(x), x, jnp.zeros_like(x))
+
+
+def _reached(k, v, diff):
+    """[C, 1] bool: some token j <= i of the chunk has a non-finite entry in k_j or v_j.
+
+    The intra-chunk matmuls run on k and v with non-finite entries zeroed (a masked 0 * NaN term would
+    be NaN and reach earlier tokens); these rows are then set back to NaN. The per-token flags become a
+    row [1, C] through a tiny NT dot with a row of ones (a [C, 1] -> [1, C] relayout without a
+    transpose); 0/1 values are exact in bfloat16.
+    """
+    def row(x):  # [C, D] -> [8, C]: the count of non-finite entries of each token, in every row
+        flags = jnp.where(_isfinite(x), 0.0, 1.0).astype(jnp.bfloat16)
+        ones = jnp.ones((8, x.shape[1]), jnp.bfloat16)
+        return jax.lax.dot_general(ones, flags, NT_DIMS, preferred_element_type=jnp.float32)
+
+    bad = (row(k) + row(v))[:1] > 0  # [1, C]
+    return jnp.max(jnp.where((diff >= 0) & bad, 1.0, 0.0), axis=1, keepdims=True) > 0
+
+
 # ----------------------------------------------------------------------------------------- forward
 
 
@@ -172,14 +197,20 @@ def _fwd_kernel(
 
     q, k, v = q_ref[...], k_ref[...], v_ref[...]
     dt = q.dtype
-    _, intra, query, _, key, whole, _ = _decays(slope, length, chunk)
+    diff, intra, query, _, key, whole, _ = _decays(slope, length, chunk)
     state_in = state_scr[g]
     if save_states:
         states_ref[...] = state_in
 
-    scores = (scale * _dot(q, k, NT_DIMS)) * intra  # [C, C]
+    # Non-finite values reach only later outputs: masks are selected (`where`), the intra-chunk matmuls
+    # use zeroed copies, rows from a bad k_j or v_j on are set to NaN, and the state update below uses
+    # the raw k, v so that later chunks get the NaN through the state (a bad q_i reaches o_i through
+    # the raw q of `inter`). Finite inputs give the same values as plain masking.
+    causal = diff >= 0
+    scores = jnp.where(causal, (scale * _dot(_finite(q), _finite(k), NT_DIMS)) * intra, 0.0)  # [C, C]
     inter = query * _dot_state(q, state_in)  # rows scaled after the matmul: q stays exact in its dtype
-    o_ref[...] = (_dot(scores.astype(dt), v) + scale * inter).astype(o_ref.dtype)
+    o_intra = jnp.where(_reached(k, v, diff), jnp.nan, _dot(scores.astype(dt), _finite(v)))
+    o_ref[...] = (o_intra + scale * inter).astype(o_ref.dtype)
 
     # Transpose in float32 (32-bit transposes are Mosaic's longest-supported case), then feed the MXU
     # in the input dtype.
@@ -284,13 +315,18 @@ def _bwd_kernel(
     state_in = state_ref[...]
     ds = ds_scr[g]
 
-    qk = _dot(q, k, NT_DIMS)  # [C, C]
-    p = (scale * qk) * intra
-    da = (scale * _dot(do, v, NT_DIMS)) * intra  # d(score) through the decay mask
+    # As in the forward: the intra-chunk products use zeroed copies of non-finite entries and selected
+    # masks, so that a NaN in q_i reaches no dk_j, dv_j of a later token j (and the state products keep
+    # the raw values, which carry it to earlier chunks, the right direction).
+    causal = diff >= 0
+    q_f, k_f, v_f = _finite(q), _finite(k), _finite(v)
+    qk = _dot(q_f, k_f, NT_DIMS)  # [C, C]
+    p = jnp.where(causal, (scale * qk) * intra, 0.0)
+    da = jnp.where(causal, (scale * _dot(do, v_f, NT_DIMS)) * intra, 0.0)  # d(score) through the mask
     do_st = _dot_state(do, state_in, NT_DIMS)  # dO S_in^T: [C, Dk]
-    dq = _dot(da.astype(dt), k) + (scale * query) * do_st
+    dq = _dot(da.astype(dt), k_f) + (scale * query) * do_st
     k_ds = _dot_state(k, ds)  # [C, Dv]
-    dk = _dot(da.T.astype(dt), q) + key * _dot_state(v, ds, NT_DIMS)
+    dk = _dot(da.T.astype(dt), q_f) + key * _dot_state(v, ds, NT_DIMS)
     dv = _dot(p.T.astype(dt), do) + key * k_ds
     q_decayed_t = (q.astype(f32) * query).T.astype(dt)  # [Dk, C]
     ds_in = scale * _dot(q_decayed_t, do) + whole * ds

@@ -117,7 +117,7 @@ def _kernels():
     import triton.language as tl
 
     # Triton resolves the helpers a kernel calls in the module's globals, not in this closure.
-    global _dot, _seq_bounds
+    global _dot, _finite, _seq_bounds
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -126,6 +126,14 @@ def _kernels():
             return tl.dot(a, b, input_precision="ieee")
         else:
             return tl.dot(a, b)
+
+    @triton.jit
+    def _finite(x):
+        # x with NaN and +-inf entries replaced by 0 (NaN fails every comparison). The intra-chunk dots
+        # use such copies: a causally masked term of a dot is 0 * x, which is NaN for a non-finite x and
+        # would reach earlier tokens. The raw values still go into the chunk states (and NaN rows are
+        # re-injected in the forward), so non-finite values flow forward, and only forward.
+        return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, tl.zeros_like(x))
 
     @triton.jit
     def _seq_bounds(cu_ptr, coff_ptr, n, T, NC_PER_SEQ, C: tl.constexpr, VARLEN: tl.constexpr):
@@ -204,9 +212,17 @@ def _kernels():
             if not STATES_ONLY:
                 q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
                             mask=valid[:, None] & mk[None, :], other=0.0)
-                scores = _dot(q, tl.trans(k), IEEE) * intra
-                o = _dot(scores.to(v.dtype), v, IEEE)
+                # Causality of non-finite values: zeroed copies in the intra-chunk dots, the mask
+                # selected (tl.where, never * 0), and every output from a bad k_j or v_j on (in this
+                # block's columns) set to NaN. A bad q_i reaches o_i through the raw q of the state term.
+                scores = tl.where(diff >= 0, _dot(_finite(q), tl.trans(_finite(k)), IEEE) * intra, 0.0)
+                o = _dot(scores.to(v.dtype), _finite(v), IEEE)
                 o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
+                k_bad = tl.max(tl.where(tl.abs(k.to(tl.float32)) < float("inf"), 0, 1), axis=1)  # [C]
+                v_bad = tl.max(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), axis=1)
+                bad = (k_bad + v_bad) > 0
+                reached = tl.max(tl.where((diff >= 0) & bad[None, :], 1, 0), axis=1) > 0  # some j <= i
+                o = tl.where(reached[:, None], float("nan"), o)
                 tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
                          (SCALE * o).to(o_ptr.dtype.element_ty), mask=valid[:, None] & mv[None, :])
             # valid tokens in this chunk: only the last chunk of a segment may be short
@@ -282,12 +298,15 @@ def _kernels():
             key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))  # lam^(l-1-j)
             chunk_decay = tl.exp2(length.to(tl.float32) * neg)
 
-            kq = _dot(k, tl.trans(q), IEEE)  # [j, i] = k_j . q_i
-            vdo = _dot(v, tl.trans(do), IEEE)  # [j, i] = v_j . dO_i
-            a = kq * intra_t
-            b = vdo * intra_t
+            # Zeroed copies of non-finite entries and selected masks in the intra-chunk products (as in
+            # the forward): a NaN in q_i then reaches no dk_j, dv_j of a later token j.
+            q_f = _finite(q)
+            kq = _dot(_finite(k), tl.trans(q_f), IEEE)  # [j, i] = k_j . q_i
+            vdo = _dot(_finite(v), tl.trans(do), IEEE)  # [j, i] = v_j . dO_i
+            a = tl.where(lag >= 0, kq * intra_t, 0.0)
+            b = tl.where(lag >= 0, vdo * intra_t, 0.0)
             dv = SCALE * _dot(a.to(do.dtype), do, IEEE)
-            dk = SCALE * _dot(b.to(q.dtype), q, IEEE)
+            dk = SCALE * _dot(b.to(q.dtype), q_f, IEEE)
             # G holds dL/dS_out of this chunk: the keys' share
             dk_inter = key_decay[:, None] * _dot(v, tl.trans(G.to(v.dtype)), IEEE)
             dv += key_decay[:, None] * _dot(k, G.to(k.dtype), IEEE)
@@ -440,13 +459,17 @@ def _kernels():
         S_in = tl.load(st_ptr + s_off, mask=mkv, other=0.0)
         Gc = tl.load(gt_ptr + s_off, mask=mkv, other=0.0)
 
-        qk = _dot(q, tl.trans(k), IEEE)  # [i, j]
-        dov = _dot(do, tl.trans(v), IEEE)  # [i, j]
-        a = qk * intra
-        b = dov * intra
-        dq = _dot(b.to(k.dtype), k, IEEE) + q_decay[:, None] * _dot(do, tl.trans(S_in.to(do.dtype)), IEEE)
+        # Zeroed copies of non-finite entries and selected masks in the intra-chunk products (as in the
+        # forward): a NaN in q_i then reaches no dk_j, dv_j of a later token j.
+        q_f = _finite(q)
+        k_f = _finite(k)
+        qk = _dot(q_f, tl.trans(k_f), IEEE)  # [i, j]
+        dov = _dot(do, tl.trans(_finite(v)), IEEE)  # [i, j]
+        a = tl.where(lag >= 0, qk * intra, 0.0)
+        b = tl.where(lag >= 0, dov * intra, 0.0)
+        dq = _dot(b.to(k.dtype), k_f, IEEE) + q_decay[:, None] * _dot(do, tl.trans(S_in.to(do.dtype)), IEEE)
         dk_inter = key_decay[:, None] * _dot(v, tl.trans(Gc.to(v.dtype)), IEEE)
-        dk = SCALE * _dot(tl.trans(b).to(q.dtype), q, IEEE) + dk_inter
+        dk = SCALE * _dot(tl.trans(b).to(q.dtype), q_f, IEEE) + dk_inter
         dv = SCALE * _dot(tl.trans(a).to(do.dtype), do, IEEE)
         dv += key_decay[:, None] * _dot(k, Gc.to(k.dtype), IEEE)
 

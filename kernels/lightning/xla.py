@@ -12,6 +12,9 @@ per-token state is ever kept.
 Packed sequences (cu_seqlens) are re-laid so that every sequence starts at a chunk boundary: each chunk
 then carries a valid length, a "starts a sequence" flag and a sequence id, and the scan resets the state
 to that sequence's initial state at a start. The re-layout is one gather in and one gather out.
+
+A NaN or inf in k or v at token t reaches outputs at t and after only (see _chunked): the in-chunk
+matmuls run on zeroed copies with the causal mask selected, and the NaN is put back from t on.
 """
 
 import jax
@@ -78,8 +81,20 @@ def _chunked(q, k, v, slopes, chunk_start, chunk_len, initial_for_chunk, *, scal
     chunk_decay = jnp.exp(-slopes[None] * lengths[..., 0])  # lam^l: [nC, K, G]
 
     ein = lambda spec, *xs: jnp.einsum(spec, *xs, precision=precision)
-    scores = ein("bnikgd,bnjkd->bnkgij", q, k) * intra_decay
-    o_intra = ein("bnkgij,bnjkv->bnikgv", scores, v)
+    # Non-finite values must reach only later outputs (causality). A masked matmul term is 0 * x, which is
+    # NaN for x = NaN or inf, so the intra-chunk matmuls see q, k, v with non-finite entries replaced by 0
+    # and the masks are selected (`where`), never multiplied. The non-finite values come back two ways:
+    # every output from a bad k_j or v_j on (the inclusive prefix of the flags within the chunk) is set
+    # to NaN, and the chunk states below are built from the raw k, v, so they carry it into every later
+    # chunk (and shard). A bad q_i reaches o_i through the raw q of the inter-chunk term. For finite
+    # inputs nothing changes, in values or gradients.
+    finite = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+    bad = jnp.any(~jnp.isfinite(k), axis=-1) | jnp.any(~jnp.isfinite(v), axis=-1)  # [B, nC, C, K]
+    reached = jax.lax.cummax(bad.astype(jnp.int8), axis=2) > 0  # some j <= i in the chunk is bad
+    causal = diff >= 0  # [C, C]
+    scores = jnp.where(causal, ein("bnikgd,bnjkd->bnkgij", finite(q), finite(k)) * intra_decay, 0.0)
+    o_intra = ein("bnkgij,bnjkv->bnikgv", scores, finite(v))
+    o_intra = jnp.where(reached[..., None, None], jnp.nan, o_intra)
     local_state = ein("bnjkd,nkgj,bnjkv->nbkgdv", k, key_decay, v)  # sum_j lam^(l-1-j) k_j^T v_j
 
     def step(state, chunk):
@@ -193,6 +208,15 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
     p = _processing_position(q.shape[1], reverse)
     weights = jnp.exp(-slopes[None, :].astype(jnp.float32) * (p[:, None] + 1.0))
     return scale * _weighted_states(q, do, weights, _matmul_precision(q.dtype))
+
+
+def weighted_state(k, v, weights):
+    """sum_j weights[j, h] k_j^T v_j per query head: [B, H, Dk, Dv] float32, differentiable.
+
+    k: [B, T, Hkv, Dk], v: [B, T, Hkv, Dv], weights: [T, H] float32. (shardattn.sharded uses it for the
+    exact final state of a padded sequence.)
+    """
+    return _weighted_states(k, v, weights, _matmul_precision(k.dtype))
 
 
 # ---- serving (reference.py: decode): a gather of the used slots, one recurrence step, a scatter back

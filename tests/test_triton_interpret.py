@@ -1,0 +1,112 @@
+"""The Triton kernels on CPU, in Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors).
+
+jax-triton needs a GPU, so its launch is replaced by a jax.pure_callback that runs the same kernel
+bodies in the interpreter; everything else (the wrappers, the custom_vjp, the JAX glue) is the backend's
+own. Skipped unless TRITON_INTERPRET=1 is set and torch and triton import (the test venv has neither; a
+venv with triton 3.6 and CPU torch runs it:
+`TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpret.py`, ~25 s on 2 cores). Tiny shapes:
+the interpreter is slow. Outputs start as NaN, so a block a kernel forgets to write shows.
+"""
+
+import dataclasses
+import os
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+# Opt-in: the variable must be set before triton is first imported (conftest does not), and it must not
+# leak into a GPU run of tests/test_triton_gpu.py in the same process.
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip(
+        "set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter", allow_module_level=True
+    )
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import test_nonfinite as nonfinite  # noqa: E402
+from helpers import Case, assert_close, make_inputs, run_with_grads, tolerance  # noqa: E402
+
+import shardattn  # noqa: E402
+from shardattn.kernels.lightning import triton as backend  # noqa: E402
+
+TORCH_DTYPES = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.int32): torch.int32}
+# The interpreter keeps the grid of the running launch in one global: XLA may run independent callbacks
+# on several threads at once, so launches take turns.
+_ONE_LAUNCH_AT_A_TIME = threading.Lock()
+
+
+def _interpreted_launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
+    del name, num_warps, num_stages
+    single = not isinstance(out_shapes, (tuple, list))
+    shapes = [out_shapes] if single else list(out_shapes)
+
+    def host(*arrays):
+        args = [torch.from_numpy(np.array(a)) for a in arrays]
+        outs = [torch.full(s.shape, float("nan")).to(TORCH_DTYPES[jnp.dtype(s.dtype)]) for s in shapes]
+        with _ONE_LAUNCH_AT_A_TIME:
+            kernel[grid](*args, *outs, **constexprs)
+        return tuple(o.numpy() for o in outs)
+
+    results = jax.pure_callback(host, tuple(shapes), *inputs)
+    return results[0] if single else type(out_shapes)(results)
+
+
+@pytest.fixture(autouse=True)
+def interpreted(monkeypatch):
+    monkeypatch.setattr(backend, "_launch", _interpreted_launch)
+    monkeypatch.setattr(backend, "_check_supported", lambda *args: None)
+
+
+@pytest.fixture(params=["sequential", "chunk-parallel"])
+def backward(request, monkeypatch):
+    """float32 takes the sequential backward by default; the chunk-parallel one (bf16's) is forced here."""
+    if request.param == "chunk-parallel":
+        default = backend.BlockSizes.get_default
+
+        def parallel(dk, dv, dtype):
+            return dataclasses.replace(default(dk, dv, dtype), bwd_parallel=True)
+
+        monkeypatch.setattr(backend.BlockSizes, "get_default", staticmethod(parallel))
+    return request.param
+
+
+CASE = Case(B=1, T=100, H=2, Hkv=1, Dk=16)  # two chunks of 64, the second short
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_matches_reference(backward, reverse):
+    x = make_inputs(CASE, 1, with_state=True)
+    kw = dict(scale=0.7, reverse=reverse)
+    o, s, g = run_with_grads(shardattn.lightning_attention, x, implementation="triton", **kw)
+    o_r, s_r, g_r = run_with_grads(shardattn.lightning_attention, x, implementation="reference", **kw)
+    assert_close("o", o, o_r, tolerance(jnp.float32))
+    assert_close("final_state", s, s_r, tolerance(jnp.float32))
+    for n in g:
+        assert_close("d" + n, g[n], g_r[n], tolerance(jnp.float32, grad=True))
+
+
+@pytest.mark.parametrize("reverse,packed", nonfinite.RUNS, ids=nonfinite.RUN_IDS)
+def test_nonfinite_is_causal(reverse, packed):
+    # Chunks of 64: the poisoned tokens 37, 63, 64, 31 are mid-chunk, chunk end, chunk start, mid-chunk.
+    nonfinite.check_causal(nonfinite.backend_fn(backend, reverse, packed), reverse=reverse, packed=packed)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+def test_nan_in_q_reaches_no_later_key_gradient(backward, reverse):
+    def fn(q, k, v, slopes, s0):
+        return backend.lightning_attention(q, k, v, slopes, s0, None, scale=nonfinite.SCALE, reverse=reverse)
+
+    nonfinite.check_q_nan_gradient(fn, reverse=reverse)
+
+
+def test_nonfinite_varies_nothing_for_finite_inputs():
+    # The NaN machinery selects; finite inputs give the plain kernel's values (here: the reference's).
+    x = make_inputs(Case(B=2, T=70, H=2, Dk=16), 2)
+    o = backend.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=0.5)[0]
+    o_r = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], scale=0.5,
+                                        implementation="reference")  # fmt: skip
+    assert np.all(np.isfinite(np.asarray(o)))
+    assert_close("o", o, o_r, tolerance(jnp.float32))
