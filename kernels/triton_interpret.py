@@ -12,11 +12,15 @@ behaviour (tensor cores, TMA, shared-memory limits) are not checked this way: th
 
 import functools
 import os
+import threading
 
 import jax
 import numpy as np
 
 ENV = "SHARDATTN_TRITON_INTERPRET"
+# The interpreter keeps the grid of the running launch in a global, and XLA may run independent callbacks
+# on several threads at once: launches take turns.
+_ONE_LAUNCH_AT_A_TIME = threading.Lock()
 
 
 def enabled() -> bool:
@@ -67,7 +71,8 @@ def _to_numpy(torch, t, dtype):
 
 def launch(kernel, grid, inputs, out_shapes, *, input_output_aliases=None, **constexprs):
     """jax_triton.triton_call's meaning (outputs after all inputs in the kernel's signature; aliased
-    outputs start as copies of their inputs), run by the interpreter inside a pure_callback.
+    outputs start as copies of their inputs), run by the interpreter inside a pure_callback. Other float
+    outputs start as NaN, so that a block a kernel forgets to write shows in the comparison.
 
     `inputs` may mix arrays and Python scalars; launch options (num_warps, num_stages, name) are dropped.
     """
@@ -90,8 +95,10 @@ def launch(kernel, grid, inputs, out_shapes, *, input_output_aliases=None, **con
             if aliased:  # the kernel reads and writes one buffer: both arguments are that tensor
                 outs.append(args[aliased[0]])
             else:
-                outs.append(torch.zeros(s.shape, dtype=getattr(torch, np.dtype(s.dtype).name)))
-        kernel[tuple(grid)](*args, *outs, **constexprs)
+                fill = float("nan") if np.issubdtype(np.dtype(s.dtype), np.floating) else 0
+                outs.append(torch.full(s.shape, fill, dtype=getattr(torch, np.dtype(s.dtype).name)))
+        with _ONE_LAUNCH_AT_A_TIME:
+            kernel[tuple(grid)](*args, *outs, **constexprs)
         return tuple(_to_numpy(torch, t, s.dtype) for t, s in zip(outs, shapes, strict=True))
 
     result_shapes = tuple(jax.ShapeDtypeStruct(s.shape, s.dtype) for s in shapes)

@@ -1,29 +1,28 @@
-"""The Triton kernels on CPU, in Triton's interpreter (TRITON_INTERPRET=1, torch CPU tensors).
+"""The Triton lightning kernels on CPU, in Triton's interpreter: reference match of both backward paths,
+non-finite causality and the gradient direction of a NaN in q.
 
-jax-triton needs a GPU, so its launch is replaced by a jax.pure_callback that runs the same kernel
-bodies in the interpreter; everything else (the wrappers, the custom_vjp, the JAX glue) is the backend's
-own. Skipped unless TRITON_INTERPRET=1 is set and torch and triton import (the test venv has neither; a
-venv with triton 3.6 and CPU torch runs it:
-`TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpret.py`, ~25 s on 2 cores). Tiny shapes:
-the interpreter is slow. Outputs start as NaN, so a block a kernel forgets to write shows.
+The Triton backends launch through kernels/triton_interpret.py (a jax.pure_callback running the kernel
+bodies in the interpreter on torch CPU tensors) when SHARDATTN_TRITON_INTERPRET=1; everything else (the
+wrappers, the custom_vjp, the JAX glue) is the backend's own. Skipped otherwise and unless torch and
+triton import (the test extra has neither; a venv with triton 3.6, CPU torch and numpy<2.3 runs it:
+`SHARDATTN_TRITON_INTERPRET=1 python -m pytest -q tests/test_triton_interpret.py`, ~25 s on 2 cores).
+Tiny shapes: the interpreter is slow.
 """
 
 import dataclasses
-import os
-import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-# Opt-in: the variable must be set before triton is first imported (conftest does not), and it must not
-# leak into a GPU run of tests/test_triton_gpu.py in the same process.
-if os.environ.get("TRITON_INTERPRET") != "1":
+from shardattn.kernels import triton_interpret
+
+if not triton_interpret.enabled():
     pytest.skip(
-        "set TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter", allow_module_level=True
+        "set SHARDATTN_TRITON_INTERPRET=1 to run the Triton kernels in Triton's interpreter",
+        allow_module_level=True,
     )
-torch = pytest.importorskip("torch")
+pytest.importorskip("torch")
 pytest.importorskip("triton")
 
 import test_nonfinite as nonfinite  # noqa: E402
@@ -31,33 +30,6 @@ from helpers import Case, assert_close, make_inputs, run_with_grads, tolerance  
 
 import shardattn  # noqa: E402
 from shardattn.kernels.lightning import triton as backend  # noqa: E402
-
-TORCH_DTYPES = {jnp.dtype(jnp.float32): torch.float32, jnp.dtype(jnp.int32): torch.int32}
-# The interpreter keeps the grid of the running launch in one global: XLA may run independent callbacks
-# on several threads at once, so launches take turns.
-_ONE_LAUNCH_AT_A_TIME = threading.Lock()
-
-
-def _interpreted_launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
-    del name, num_warps, num_stages
-    single = not isinstance(out_shapes, (tuple, list))
-    shapes = [out_shapes] if single else list(out_shapes)
-
-    def host(*arrays):
-        args = [torch.from_numpy(np.array(a)) for a in arrays]
-        outs = [torch.full(s.shape, float("nan")).to(TORCH_DTYPES[jnp.dtype(s.dtype)]) for s in shapes]
-        with _ONE_LAUNCH_AT_A_TIME:
-            kernel[grid](*args, *outs, **constexprs)
-        return tuple(o.numpy() for o in outs)
-
-    results = jax.pure_callback(host, tuple(shapes), *inputs)
-    return results[0] if single else type(out_shapes)(results)
-
-
-@pytest.fixture(autouse=True)
-def interpreted(monkeypatch):
-    monkeypatch.setattr(backend, "_launch", _interpreted_launch)
-    monkeypatch.setattr(backend, "_check_supported", lambda *args: None)
 
 
 @pytest.fixture(params=["sequential", "chunk-parallel"])
