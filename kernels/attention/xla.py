@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from shardattn.kernels.attention import dropout
 from shardattn.kernels.attention.options import MASK_VALUE, AttentionOptions, allowed
+from shardattn.kernels.lightning.varying import match_varying
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -230,6 +231,19 @@ def _dropout_setup(dropout_rng, dropout_offsets, options):
     return dropout.seed_words(dropout_rng), jnp.asarray(q_off, jnp.int32), jnp.asarray(kv_off, jnp.int32)
 
 
+def _zero_like_inputs(*arrays):
+    """A float32 zero that, under shard_map with varying-axes checking, varies like every given array.
+
+    Loop carries start from it (jnp.zeros alone would be typed as not varying and fail the loop's type
+    check inside a ring over sequence shards); zeros_like carries no NaN from its argument.
+    """
+    zero = jnp.zeros((), jnp.float32)
+    for x in arrays:
+        if x is not None:
+            zero = zero + jnp.zeros_like(x.reshape(-1)[0], dtype=jnp.float32)
+    return zero
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 
@@ -257,6 +271,8 @@ def forward(
     )
     seed, q_off, kv_off = _dropout_setup(dropout_rng, dropout_offsets, options)
     f32 = jnp.float32
+    zero = _zero_like_inputs(q, k, v, bias, sinks, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                             *(() if seed is None else (seed[0], q_off, kv_off)))  # fmt: skip
 
     def query_block(_, blk):
         i = blk["i"]
@@ -284,7 +300,8 @@ def forward(
             return m_new, den, alpha[..., None] * acc + pv
 
         shape = (L.B, L.Hkv, L.G, L.bq)
-        state = (jnp.full(shape, MASK_VALUE, f32), jnp.zeros(shape, f32), jnp.zeros(shape + (Dv,), f32))
+        state = (jnp.full(shape, MASK_VALUE, f32) + zero, jnp.zeros(shape, f32) + zero,
+                 jnp.zeros(shape + (Dv,), f32) + zero)  # fmt: skip
         m, den, acc = jax.lax.fori_loop(blk["lo"], blk["hi"], key_step, state)
         if sinks is not None:  # sinks join the denominator with no value
             sk = sinks.astype(f32).reshape(1, L.Hkv, L.G, 1, -1)
@@ -393,13 +410,16 @@ def backward(
 
             return dq, add(dk_acc, dk_blk), add(dv_acc, dv_blk), dbias_acc
 
-        dq0 = jnp.zeros(qb.shape, f32)
+        dq0 = jnp.zeros(qb.shape, f32) + zero
         dq, *carry = jax.lax.fori_loop(blk["lo"], blk["hi"], key_step, (dq0, *carry))
         return tuple(carry), dq
 
     Sp = L.nk * L.bk
-    dbias0 = None if bias is None else jnp.zeros(keys["bias"].shape, f32)
-    carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32), jnp.zeros((B, Sp, L.Hkv, Dv), f32), dbias0)
+    seeds = () if seed is None else (seed[0], q_off, kv_off)
+    zero = _zero_like_inputs(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_ids,
+                             q_positions, kv_positions, *seeds)  # fmt: skip
+    dbias0 = None if bias is None else jnp.zeros(keys["bias"].shape, f32) + zero
+    carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32) + zero, jnp.zeros((B, Sp, L.Hkv, Dv), f32) + zero, dbias0)
     (dk, dv, dbias), dq = jax.lax.scan(query_block, carry, blocks)
 
     dq = _rows_back(dq, L).reshape(B, T, H, Dk).astype(q.dtype)
@@ -478,4 +498,11 @@ def attention(
 ):
     """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py."""
     ints = (q_segment_ids, kv_segment_ids, q_positions, kv_positions, dropout_offsets)
+    # Inside shard_map, a replicated input (sinks, a shared bias) gets a per-shard cotangent from the
+    # backward: cast it to vary like the rest, so that autodiff of the cast sums those (a psum).
+    # Outside shard_map this is a no-op.
+    diff = [x for x in (q, k, v, bias, sinks) if x is not None]
+    q, k, v = (match_varying(x, *diff) for x in (q, k, v))
+    bias = None if bias is None else match_varying(bias, *diff)
+    sinks = None if sinks is None else match_varying(sinks, *diff)
     return _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
