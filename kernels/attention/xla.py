@@ -78,7 +78,13 @@ class _Layout:
     nk: int
 
 
-def _layout(q, k, block_sizes: BlockSizes) -> _Layout:
+# Used when a call passes block_sizes=None (every call through flash_attention). Not tuned on a GPU yet:
+# benchmarks/attention.py --xla-blocks times alternatives by replacing it.
+DEFAULT_BLOCK_SIZES = BlockSizes()
+
+
+def _layout(q, k, block_sizes: BlockSizes | None) -> _Layout:
+    block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
     B, T, H, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     bq, bk = _block(T, block_sizes.block_q), _block(S, block_sizes.block_k)
@@ -261,7 +267,7 @@ def forward(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
 ):
     """Values only: (o [B, T, H, Dv] in q.dtype, lse [B, H, T] float32). See reference.py."""
     L = _layout(q, k, block_sizes)
@@ -343,7 +349,7 @@ def backward(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
 ):
     """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py."""
     L = _layout(q, k, block_sizes)
@@ -494,7 +500,7 @@ def attention(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
 ):
     """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py."""
     ints = (q_segment_ids, kv_segment_ids, q_positions, kv_positions, dropout_offsets)
