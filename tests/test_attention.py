@@ -484,6 +484,11 @@ def test_api_derives_and_dispatches():
             q, k, v, causal=True, q_segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
             kv_positions=kv_pos, implementation="reference",
         )  # fmt: skip
+        # the widest window int32 allows is no window (no overflow in the mask or the block ranges)
+        out["widest-window"] = flash_attention(
+            q, k, v, sliding_window=2**31 - 1, sinks=sinks, implementation="xla"
+        )
+        out["no-window"] = flash_attention(q, k, v, sinks=sinks, implementation="reference")
         out["vmap"] = jax.vmap(lambda a, b, c: flash_attention(a, b, c, causal=True))(qs, ks, vs)
         out["one-by-one"] = [flash_attention(qs[n], ks[n], vs[n], causal=True, implementation="reference")
                              for n in range(2)]  # fmt: skip
@@ -496,6 +501,7 @@ def test_api_derives_and_dispatches():
     assert_close("lse", out["window-xla"][1], out["window-reference"][1], tolerance(f32))
     assert_close("o", out["varlen-reference"], out["varlen-explicit"], 1e-6)
     assert_close("o", out["varlen-xla"], out["varlen-reference"], tolerance(f32))
+    assert_close("o", out["widest-window"], out["no-window"], tolerance(f32))
     for n in range(2):
         assert_close("o", out["vmap"][n], out["one-by-one"][n], tolerance(f32))
 

@@ -121,12 +121,14 @@ def _ranges(q_pos, q_valid, kv_pos, kv_valid, q_seg, kv_seg, options, L: _Layout
     qmin, qmax = extent(q_pos, q_valid, L.nq, L.bq)
     kmin, kmax = extent(kv_pos, kv_valid, L.nk, L.bk)
     qmin, qmax, kmin, kmax = qmin[:, None], qmax[:, None], kmin[None, :], kmax[None, :]
+    # The offsets kv_pos - q_pos of a block pair span [kmin - qmax, kmax - qmin].
+    lowest, highest = kmin - qmax, kmax - qmin
     need = jnp.ones((L.nq, L.nk), bool)
     if options.causal:
-        need &= kmin <= qmax
+        need &= lowest <= 0
     if options.window is not None:
         left, right = options.window
-        need &= (kmax >= qmin - left) & (kmin <= qmax + right)
+        need &= (highest >= -left) & (lowest <= right)
     if q_seg is not None:
         smin, smax = extent(q_seg, q_valid, L.nq, L.bq)
         tmin, tmax = extent(kv_seg, kv_valid, L.nk, L.bk)
