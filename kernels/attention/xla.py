@@ -46,6 +46,11 @@ class BlockSizes:
             raise ValueError(f"block sizes must be positive, got {self}")
 
 
+# Used when a call passes block_sizes=None (every call through flash_attention). Not tuned on a GPU yet:
+# benchmarks/attention.py --xla-blocks times alternatives by replacing it.
+DEFAULT_BLOCK_SIZES = BlockSizes()
+
+
 def _precision(dtype):
     # float32 inputs get full float32 matmuls (GPUs would otherwise use TF32).
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
@@ -76,11 +81,6 @@ class _Layout:
     bk: int
     nq: int
     nk: int
-
-
-# Used when a call passes block_sizes=None (every call through flash_attention). Not tuned on a GPU yet:
-# benchmarks/attention.py --xla-blocks times alternatives by replacing it.
-DEFAULT_BLOCK_SIZES = BlockSizes()
 
 
 def _layout(q, k, block_sizes: BlockSizes | None) -> _Layout:
