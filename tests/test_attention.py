@@ -369,6 +369,24 @@ def test_forward_backward_halves_with_global_lse():
     assert_close("dsinks", whole[4], ref_vjp[3], tolerance(f32, grad=True))
 
 
+def test_backward_grad_dtype_keeps_float32_partials():
+    """bf16 inputs: backward's gradients come in bf16, or in float32 with grad_dtype (for ring sums)."""
+    q, k, v = _bf16_inputs(T=16, D=16)
+    kw = dict(q_positions=jnp.arange(16)[None], kv_positions=jnp.arange(16)[None],
+              options=AttentionOptions(scale=0.25, causal=True), sinks=jnp.zeros((4, 1)))  # fmt: skip
+
+    @jax.jit
+    def both(q, k, v):
+        o, lse = xla.forward(q, k, v, **kw)
+        return [xla.backward(q, k, v, o, lse, o, **kw, grad_dtype=g) for g in (None, jnp.float32)]
+
+    native, wide = both(q, k, v)
+    assert [g.dtype for g in native if g is not None] == [jnp.bfloat16] * 3 + [jnp.float32]
+    assert all(g.dtype == jnp.float32 for g in wide if g is not None)
+    for a, b in zip(native[:3], wide[:3], strict=True):
+        assert_close("grad", a, b, tolerance(jnp.bfloat16))  # the same gradients, rounded or not
+
+
 def test_merge_with_empty_sides():
     """-inf on one side takes the other; -inf on both gives 0, -inf, and finite zero gradients."""
     key = jax.random.split(jax.random.PRNGKey(3), 4)

@@ -352,8 +352,13 @@ def backward(
     dropout_offsets=None,
     options: AttentionOptions,
     block_sizes: BlockSizes | None = None,
+    grad_dtype=None,
 ):
-    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py."""
+    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py.
+
+    grad_dtype: None gives each gradient in its input's dtype; jnp.float32 keeps the float32
+    accumulators (for a caller that sums partial gradients, e.g. over the steps of a ring).
+    """
     L = _layout(q, k, block_sizes)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -430,18 +435,21 @@ def backward(
     carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32) + zero, jnp.zeros((B, Sp, L.Hkv, Dv), f32) + zero, dbias0)
     (dk, dv, dbias), dq = jax.lax.scan(query_block, carry, blocks)
 
-    dq = _rows_back(dq, L).reshape(B, T, H, Dk).astype(q.dtype)
-    dk = dk[:, : L.S].astype(k.dtype)
-    dv = dv[:, : L.S].astype(v.dtype)
+    def out(x, like):
+        return x.astype(like.dtype if grad_dtype is None else grad_dtype)
+
+    dq = out(_rows_back(dq, L).reshape(B, T, H, Dk), q)
+    dk = out(dk[:, : L.S], k)
+    dv = out(dv[:, : L.S], v)
     if bias is not None:
         dbias = dbias.reshape(dbias.shape[0], -1, dbias.shape[3], dbias.shape[4])[:, :, :T, : L.S]
-        dbias = dbias.astype(bias.dtype)
+        dbias = out(dbias, bias)
     dsinks = None
     if sinks is not None:  # d lse_i / d sink = exp(sink - lse_i); d o_i / d sink = -exp(sink - lse_i) o_i
         w = jnp.where(
             lse[..., None] == -jnp.inf, 0.0, jnp.exp(sinks.astype(f32)[None, :, None] - lse[..., None])
         )
-        dsinks = -jnp.sum(w * row_term[..., None], axis=(0, 2)).astype(sinks.dtype)
+        dsinks = out(-jnp.sum(w * row_term[..., None], axis=(0, 2)), sinks)
     return dq, dk, dv, dbias, dsinks
 
 
