@@ -215,6 +215,10 @@ def check_and_derive(
             )
         if B != 1:
             raise ValueError(f"cu_seqlens_q/k need batch 1 (packed sequences), got batch={B}")
+        if not hasattr(cu_seqlens_q, "shape"):  # a list or tuple of ints
+            cu_seqlens_q = np.asarray(cu_seqlens_q)
+        if not hasattr(cu_seqlens_k, "shape"):
+            cu_seqlens_k = np.asarray(cu_seqlens_k)
         _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, T)
         _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, S)
         if cu_seqlens_q.shape != cu_seqlens_k.shape:
