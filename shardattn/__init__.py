@@ -1,5 +1,6 @@
-"""shardattn: lightning attention for JAX, per device and on multi-device meshes."""
+"""shardattn: lightning and softmax attention for JAX, per device and on multi-device meshes."""
 
+from shardattn.attention import flash_attention, merge_attention
 from shardattn.decay import DECAY_PRESETS, decay_slopes
 from shardattn.lightning import lightning_attention
 from shardattn.serving import lightning_decode, lightning_prefill
@@ -8,8 +9,10 @@ from shardattn.sharded import sharded_lightning
 __all__ = [
     "DECAY_PRESETS",
     "decay_slopes",
+    "flash_attention",
     "lightning_attention",
     "lightning_decode",
     "lightning_prefill",
+    "merge_attention",
     "sharded_lightning",
 ]
