@@ -22,6 +22,7 @@ See examples/TRAINING.md.
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import pathlib
@@ -363,7 +364,24 @@ def train(args, log=print) -> list[dict]:
             )
             pending = []
             t_start, t_steps = time.perf_counter(), 0
+    if args.save:
+        save_checkpoint(args.save, cfg, params)
+        log(f"saved parameters to {args.save}")
     return history
+
+
+def save_checkpoint(path, cfg: Config, params) -> None:
+    """Writes `params` (an nnx.State, any sharding) with orbax to path/params and `cfg` to path/config.json:
+    what examples/generate.py restores. Every process calls it (orbax writes each shard once)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def parse_args(argv=None):
@@ -388,6 +406,7 @@ def parse_args(argv=None):
     add("--fake-cpu-devices", type=int, default=0, help="run on N fake CPU devices")
     add("--distributed", action="store_true", help="multi-host: call jax.distributed.initialize() first")
     add("--seed", type=int, default=0)
+    add("--save", default="", help="write the final parameters here (orbax) for examples/generate.py")
     return parser.parse_args(argv)
 
 
