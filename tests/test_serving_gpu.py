@@ -122,7 +122,7 @@ def test_large_cache_int64_offsets():
 
 def test_inside_shard_map_with_varying_axes_checked():
     # Head-parallel decode on a one-GPU mesh (shard_map with check_vma=True) equals the bare kernel call.
-    mesh = make_mesh(data=1, seq=1, heads=1)
+    mesh = make_mesh(data=1, seq=1, heads=1, devices=jax.devices()[:1])
     q, k, v, slopes, cache = random_problem(16, B=3, T=1, H=4, Hkv=2, Dk=64, Dv=32, dtype=jnp.bfloat16)
     slot_idx = jnp.array([2, -1, 4], jnp.int32)
     kw = dict(slopes=slopes, scale=SCALE, implementation="triton")
