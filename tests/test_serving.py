@@ -250,3 +250,16 @@ def test_prefill_bad_inputs():
         call(q, k, v, cache, jnp.array([0, 1], jnp.int32), cu, mesh=mesh)
     with pytest.raises(ValueError, match="divisible by the size of mesh axis 'x'"):  # 4 heads, 8 shards
         call(q, k, v, cache, jnp.array([0, 1], jnp.int32), cu, mesh=mesh, head_axis="x")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the fall-through where triton cannot run")
+def test_decode_backend_fall_through():
+    # The Triton kernel cannot run off-GPU: asked alone it raises NotImplementedError with the reason,
+    # first in a list it hands the call to the next backend.
+    args = _decode_args()
+    with pytest.raises(NotImplementedError, match="triton"):
+        shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation="triton")
+    o, cache = shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation=("triton", "xla"))
+    o_xla, cache_xla = shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation="xla")
+    np.testing.assert_array_equal(o, o_xla)
+    np.testing.assert_array_equal(cache, cache_xla)
