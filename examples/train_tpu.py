@@ -402,7 +402,24 @@ def train(args, log=print) -> list[dict]:
             )
             pending = []
             t_start, t_steps = time.perf_counter(), 0
+    if args.save:
+        save_checkpoint(args.save, cfg, params)
+        log(f"saved parameters to {args.save}")
     return history
+
+
+def save_checkpoint(path, cfg: Config, params) -> None:
+    """Writes `params` (an nnx.State, any sharding) with orbax to path/params and `cfg` to path/config.json:
+    what examples/generate.py restores. Every process calls it (orbax writes each shard once)."""
+    import orbax.checkpoint as ocp
+
+    path = pathlib.Path(path).resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / "params", params, force=True)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
 
 def parse_args(argv=None):
@@ -433,6 +450,7 @@ def parse_args(argv=None):
     add("--process-id", type=int, default=-1, help="this process's id, 0 .. N-1 (with --coordinator)")
     add("--seed", type=int, default=0)
     add("--metrics-out", default="", help="write the logged records as JSON here (process 0)")
+    add("--save", default="", help="write the final parameters here (orbax) for examples/generate.py")
     return parser.parse_args(argv)
 
 

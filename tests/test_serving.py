@@ -22,14 +22,26 @@ NUM_SLOTS = 9
 
 
 def random_problem(seed, *, B, T, H, Hkv, Dk, Dv, dtype=jnp.float32, num_slots=NUM_SLOTS):
-    """T tokens for each of B rows (k, v scaled so outputs stay O(1)), slopes, and a random cache."""
-    keys = jax.random.split(jax.random.PRNGKey(seed), 5)
-    q = jax.random.normal(keys[0], (B, T, H, Dk)).astype(dtype)
-    k = (jax.random.normal(keys[1], (B, T, Hkv, Dk)) / np.sqrt(Dk)).astype(dtype)
-    v = jax.random.normal(keys[2], (B, T, Hkv, Dv)).astype(dtype)
-    slopes = jax.random.uniform(keys[3], (H,), jnp.float32, 0.0, 1.0)
-    cache = jax.random.normal(keys[4], (num_slots, H, Dk, Dv), jnp.float32)
+    """T tokens for each of B rows (k, v scaled so outputs stay O(1)), slopes, and a random cache.
+
+    Drawn with numpy: eager jax.random would compile once per shape, which costs more than the tests."""
+    rng = np.random.default_rng(seed)
+    draw = lambda *shape: rng.standard_normal(shape, np.float32)
+    q = jnp.asarray(draw(B, T, H, Dk).astype(dtype))
+    k = jnp.asarray((draw(B, T, Hkv, Dk) / np.sqrt(Dk)).astype(dtype))
+    v = jnp.asarray(draw(B, T, Hkv, Dv).astype(dtype))
+    slopes = jnp.asarray(rng.uniform(0.0, 1.0, H).astype(np.float32))
+    cache = jnp.asarray(draw(num_slots, H, Dk, Dv))
     return q, k, v, slopes, cache
+
+
+@functools.cache
+def reference_call():
+    """Jitted reference lightning_attention (one compile per shape rather than one per eager op)."""
+    fn = functools.partial(
+        shardattn.lightning_attention, scale=SCALE, return_state=True, implementation="reference"
+    )
+    return jax.jit(lambda q, k, v, slopes, s0: fn(q, k, v, slopes=slopes, initial_state=s0))
 
 
 @functools.cache
@@ -45,6 +57,7 @@ def run_decode(impl, q, k, v, slopes, cache, slot_idx):
     """T decode steps of the B rows of q, k, v [B, T, h, D]: o [B, T, H, Dv] and the final cache."""
     step = decode_step(impl)
     cache = jnp.array(cache)  # a copy: the step donates it
+    q, k, v = (np.asarray(x) for x in (q, k, v))  # host slices: no eager slicing op per step
     outs = []
     for t in range(q.shape[1]):
         o, cache = step(q[:, t], k[:, t], v[:, t], cache, slot_idx, slopes)
@@ -59,8 +72,10 @@ DECODE_CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["xla", "reference"])
-@pytest.mark.parametrize("name", list(DECODE_CASES))
+# The reference's decode (a scan over rows) once; the xla backend on every case.
+@pytest.mark.parametrize(
+    "impl, name", [("reference", "B3-H4/2-D16x24-f32")] + [("xla", name) for name in DECODE_CASES]
+)
 def test_decode_steps_equal_one_lightning_call(impl, name):
     case = DECODE_CASES[name]
     dtype = case.get("dtype", jnp.float32)
@@ -70,10 +85,7 @@ def test_decode_steps_equal_one_lightning_call(impl, name):
     assert o.dtype == dtype and new_cache.dtype == jnp.float32
     # The same tokens in one call, each row starting from its slot's state (reference on float32 inputs).
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, s_ref = shardattn.lightning_attention(
-        *f32, slopes=slopes, scale=SCALE, initial_state=cache[slot_idx], return_state=True,
-        implementation="reference",
-    )  # fmt: skip
+    o_ref, s_ref = reference_call()(*f32, slopes, cache[slot_idx])
     assert_close("o", o, o_ref, tolerance(dtype))
     assert_close("states", new_cache[slot_idx], s_ref, tolerance(dtype))
     untouched = np.setdiff1d(np.arange(NUM_SLOTS), np.asarray(slot_idx))
@@ -119,17 +131,14 @@ def per_request_reference(q, k, v, slopes, cache, slot_idx, cu):
         state = cache[s][None] if s >= 0 else jnp.zeros_like(cache[:1])
         if hi == lo:
             continue
-        o_i, s_i = shardattn.lightning_attention(
-            *(x[:, lo:hi].astype(jnp.float32) for x in (q, k, v)), slopes=slopes, scale=SCALE,
-            initial_state=state, return_state=True, implementation="reference",
-        )  # fmt: skip
+        o_i, s_i = reference_call()(*(x[:, lo:hi].astype(jnp.float32) for x in (q, k, v)), slopes, state)
         outs.append(o_i if s >= 0 else jnp.zeros_like(o_i))
         if s >= 0:
             new_cache[s] = s_i[0]
     return jnp.concatenate(outs, axis=1), new_cache
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("dtype", [jnp.float32], ids=["f32"])  # bf16: tests/test_serving_gpu.py
 def test_prefill_equals_per_request_calls(dtype):
     # Requests of lengths 0, 1, 63, 300 (and a padding request of 5) from non-zero states, in one call.
     lengths, slots = [0, 1, 63, 5, 300], [2, 6, 0, -1, 8]
@@ -159,9 +168,14 @@ COLLECTIVES = ("all-reduce", "all-gather", "collective-permute", "all-to-all", "
 def test_head_sharded_equals_unsharded(heads, Hkv):
     # 8 query heads over `heads` shards. 2 kv heads do not split over 4 shards: k, v are replicated over
     # the axis and each shard slices the kv head of its query heads.
+    # Prefill equals the unsharded call bitwise. Decode may differ in the last bit: XLA's CPU loop for
+    # decay * S + k v^T contracts it into an FMA in its vector body but not in the scalar tail of the
+    # loop, and a shard's loop (fewer heads) has its tail elsewhere (seen: every element of a shard
+    # equals fma(k, v, round(decay * S)); the unsharded loop's last head does not). So decode is held
+    # to one float32 rounding, not to bit equality.
     H = 8
     mesh = make_mesh(data=8 // heads, seq=1, heads=heads)
-    q, k, v, slopes, cache = random_problem(5, B=3, T=70, H=H, Hkv=Hkv, Dk=16, Dv=8)
+    q, k, v, slopes, cache = random_problem(5, B=3, T=20, H=H, Hkv=Hkv, Dk=16, Dv=8)
     kw = dict(slopes=slopes, scale=SCALE, implementation="xla")
     slot_idx = jnp.array([4, -1, 1], jnp.int32)
 
@@ -170,14 +184,14 @@ def test_head_sharded_equals_unsharded(heads, Hkv):
     o, c = jax.jit(decode)(*args)
     sharded = jax.jit(functools.partial(decode, mesh=mesh))
     o_tp, c_tp = sharded(*args)
-    np.testing.assert_array_equal(o_tp, o)
-    np.testing.assert_array_equal(c_tp, c)
+    np.testing.assert_allclose(o_tp, o, rtol=5e-7, atol=5e-7 * float(jnp.max(jnp.abs(o))))
+    np.testing.assert_allclose(c_tp, c, rtol=5e-7, atol=5e-7 * float(jnp.max(jnp.abs(c))))
     assert c_tp.sharding.spec[1] == "heads"
     text = sharded.lower(*args).compile().as_text()
     assert not [op for op in COLLECTIVES if op in text]
 
     prefill = functools.partial(shardattn.lightning_prefill, **kw)
-    cu = jnp.array([0, 1, 64, 70], jnp.int32)
+    cu = jnp.array([0, 1, 13, 20], jnp.int32)
     args = (q[:1], k[:1], v[:1], cache, slot_idx, cu)
     o, c = jax.jit(prefill)(*args)
     sharded = jax.jit(functools.partial(prefill, mesh=mesh))
@@ -236,3 +250,16 @@ def test_prefill_bad_inputs():
         call(q, k, v, cache, jnp.array([0, 1], jnp.int32), cu, mesh=mesh)
     with pytest.raises(ValueError, match="divisible by the size of mesh axis 'x'"):  # 4 heads, 8 shards
         call(q, k, v, cache, jnp.array([0, 1], jnp.int32), cu, mesh=mesh, head_axis="x")
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the fall-through where triton cannot run")
+def test_decode_backend_fall_through():
+    # The Triton kernel cannot run off-GPU: asked alone it raises NotImplementedError with the reason,
+    # first in a list it hands the call to the next backend.
+    args = _decode_args()
+    with pytest.raises(NotImplementedError, match="triton"):
+        shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation="triton")
+    o, cache = shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation=("triton", "xla"))
+    o_xla, cache_xla = shardattn.lightning_decode(**args, layer_idx=0, num_layers=2, implementation="xla")
+    np.testing.assert_array_equal(o, o_xla)
+    np.testing.assert_array_equal(cache, cache_xla)

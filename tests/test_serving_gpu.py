@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_close, tolerance
-from test_serving import NUM_SLOTS, SCALE, per_request_reference, random_problem, run_decode
+from test_serving import NUM_SLOTS, SCALE, per_request_reference, random_problem, reference_call, run_decode
 
 import shardattn
 from shardattn.kernels import triton_interpret
@@ -42,10 +42,7 @@ def test_decode_steps_equal_one_lightning_call(name):
     o, new_cache = run_decode("triton", q, k, v, slopes, cache, slot_idx)
     assert o.dtype == dtype
     f32 = [x.astype(jnp.float32) for x in (q, k, v)]
-    o_ref, s_ref = shardattn.lightning_attention(
-        *f32, slopes=slopes, scale=SCALE, initial_state=cache[slot_idx], return_state=True,
-        implementation="reference",
-    )  # fmt: skip
+    o_ref, s_ref = reference_call()(*f32, slopes, cache[slot_idx])
     assert_close("o", o, o_ref, tolerance(dtype))
     assert_close("states", new_cache[slot_idx], s_ref, tolerance(dtype))
     untouched = np.setdiff1d(np.arange(NUM_SLOTS), np.asarray(slot_idx))
