@@ -199,6 +199,7 @@ def _block_logits(qb, kb, bias_blk, mask, options):
     if options.soft_cap is not None:
         t = jnp.tanh(s / options.soft_cap)
         s = options.soft_cap * t
+        t = jnp.where(mask, t, 0.0)  # NaN there (from a NaN key) must not reach dS * (1 - t^2)
     if bias_blk is not None:
         s = s + bias_blk
     return jnp.where(mask, s, MASK_VALUE), t
