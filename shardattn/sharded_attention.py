@@ -89,6 +89,7 @@ class _Plan:
     index_positions: bool
     has_sinks: bool
     dropout: bool
+    static_positions: bool  # derived default positions, no cu_seqlens: rebuilt per device as numpy
 
 
 def _run(plan, function, *args, **kwargs):
@@ -429,6 +430,19 @@ def _varying(x) -> frozenset:
     return frozenset(aval.mat.varying if vma is None else vma)
 
 
+def _static_positions(plan, b, T, S):
+    """The default positions of a whole [b, T] / [b, S] sequence in the layout's order, as numpy: a
+    backend then sees at trace time that they are the defaults (cudnn serves causal only then), as it
+    does under flash_attention. Only where a device holds every query or key (local, ulysses, the
+    gathered keys of allgather) and the positions were derived without cu_seqlens."""
+    q_pos = np.arange(S - T, S, dtype=np.int32)
+    kv_pos = np.arange(S, dtype=np.int32)
+    if plan.layout == "zigzag":
+        order = zigzag_order(plan.num_seq)
+        q_pos, kv_pos = (x.reshape(2 * plan.num_seq, -1)[order].reshape(-1) for x in (q_pos, kv_pos))
+    return np.broadcast_to(q_pos, (b, T)), np.broadcast_to(kv_pos, (b, S))
+
+
 def _vary_like(x, ref):
     """x cast to every mesh axis `ref` varies over (no data moves). Inputs that are replicated over some
     axes (bias with Bb = 1, positions over heads) enter a custom_vjp whose cotangents vary like q; after
@@ -449,32 +463,33 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
         )  # fmt: skip
 
     if plan.strategy == "local":
+        if plan.static_positions:
+            q_pos, kv_pos = _static_positions(plan, q.shape[0], q.shape[1], k.shape[1])
         return attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
     axis = plan.seq_axis
 
     def gather(x):  # [b, n, ...] -> [b, T, ...], in mesh order (the layout's order)
         return None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
 
+    num = plan.num_seq
     if plan.strategy == "allgather":
         rank = jax.lax.axis_index(axis)
-        return attend(
-            q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg), rank * q.shape[1]
-        )
+        if plan.static_positions:
+            kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])[1]
+        else:
+            kv_all = gather(kv_pos)
+        return attend(q, gather(k), gather(v), q_pos, kv_all, q_seg, gather(kv_seg), rank * q.shape[1])
     if plan.strategy == "ulysses":
         # [b, n, h, D] -> [b, T, h/P, D]: heads split over the sequence axis, the sequence gathered; the
         # gathered positions say where each token really is (zigzag or not).
         def to_heads(x):
             return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
 
-        o, lse = attend(
-            to_heads(q),
-            to_heads(k),
-            to_heads(v),
-            gather(q_pos),
-            gather(kv_pos),
-            gather(q_seg),
-            gather(kv_seg),
-        )
+        if plan.static_positions:
+            q_all, kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])
+        else:
+            q_all, kv_all = gather(q_pos), gather(kv_pos)
+        o, lse = attend(to_heads(q), to_heads(k), to_heads(v), q_all, kv_all, gather(q_seg), gather(kv_seg))
         o = jax.lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)  # [b, n, h, Dv]
         lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
         return o, lse
@@ -640,6 +655,7 @@ def sharded_attention(
         batch_axes=axes.batch, seq_axis=axes.seq, head_axis=axes.heads, num_seq=num_seq, strategy=strategy,
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,
         index_positions=index_positions, has_sinks=d.sinks is not None, dropout=d.options.dropout_rate > 0,
+        static_positions=d.derived_positions and not d.packed,
     )  # fmt: skip
 
     bt = _entry(axes.batch)

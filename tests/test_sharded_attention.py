@@ -192,7 +192,9 @@ def test_matches_reference(strategy, layout, feature):
         assert set(ops) == {"all-to-all", "all-gather", "all-reduce"}, dict(ops)
         # forward: q, k, v to heads, o and lse back; backward: do and dlse to heads, dq, dk, dv back.
         assert len(ops["all-to-all"]) == 10, ops["all-to-all"]
-        assert [s.split("{")[0] for s in ops["all-gather"]] == [f"s32[{b},{T}]"] * 2  # q and kv positions
+        # Segment ids gathered (the positions are the defaults, rebuilt on each device; here the q and
+        # kv segment ids are one array, gathered once).
+        assert [s.split("{")[0] for s in ops["all-gather"]] == [f"s32[{b},{T}]"], ops["all-gather"]
         assert {s.split("{")[0] for s in ops["all-reduce"]} == {f"f32[{heads // SEQ},2]"}  # d sinks
 
 
@@ -472,3 +474,27 @@ def test_bad_input(kwargs, exc, match):
 def test_exported():
     assert shardattn.sharded_attention is sharded_attention
     assert callable(shardattn.meshes.to_zigzag)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape", [("auto", (2, 1, 4)), ("ulysses", (1, 4, 1))])
+def test_default_positions_reach_the_backend_as_constants(monkeypatch, strategy, mesh_shape):
+    """Where a device holds whole sequences (batch/head shards, ulysses), the backend gets the default
+    positions as numpy constants, as under flash_attention: cudnn serves causal only when it can see
+    that at trace time."""
+    seen = []
+    real = sa.run_backends
+
+    def spy(implementations, q, k, v, **kw):
+        seen.append((type(kw["q_positions"]), type(kw["kv_positions"])))
+        return real(implementations, q, k, v, **kw)
+
+    monkeypatch.setattr(sa, "run_backends", spy)
+    sa._build.cache_clear()  # trace afresh, through the spy
+    mesh = make_mesh(data=mesh_shape[0], seq=mesh_shape[1], heads=mesh_shape[2],
+                     devices=jax.devices()[: int(np.prod(mesh_shape))])  # fmt: skip
+    x, _ = inputs(heads=8, kv_heads=4)
+    o = sharded_attention(x["q"], x["k"], x["v"], mesh=mesh, strategy=strategy, causal=True,
+                          implementation="reference")  # fmt: skip
+    assert seen and all(t == (np.ndarray, np.ndarray) for t in seen), seen
+    o_ref = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
