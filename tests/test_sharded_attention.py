@@ -389,20 +389,52 @@ def test_eager_on_an_explicit_mesh():
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 def test_dropout_draws_the_unsharded_mask(strategy):
-    """dropout_offsets carry the global token indices, so each shard draws its part of the same mask."""
+    """dropout_offsets carry the global token indices, so each shard draws its part of the same mask:
+    the xla backend on 8 shards (the ring through its own halves) against the unsharded reference."""
     mesh = make_mesh(data=1, seq=8)
     x, (w, _) = inputs(batch=1)
-    kw = dict(causal=True, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(7), implementation="reference")
+    kw = dict(causal=True, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(7))
 
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v, **kw) * w[:1])
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, implementation=impl, **kw)
+            return jnp.sum(o * w[:1]), o
 
-    ring = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
-    got = jax.jit(jax.value_and_grad(loss(ring), argnums=(0, 1, 2)))(x["q"], x["k"], x["v"])
-    want = jax.jit(jax.value_and_grad(loss(flash_attention), argnums=(0, 1, 2)))(x["q"], x["k"], x["v"])
-    assert_close("loss", got[0], want[0], tolerance(jnp.float32))
-    for name, g, r in zip("qkv", got[1], want[1], strict=True):
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
+    got, o = loss(ours, "xla")(x["q"], x["k"], x["v"])
+    want, o_ref = loss(flash_attention, "reference")(x["q"], x["k"], x["v"])
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    for name, g, r in zip("qkv", got, want, strict=True):
         assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+    no_dropout = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
+    assert float(jnp.max(jnp.abs(o_ref - no_dropout))) > 0.1  # dropout did act
+
+
+def test_bf16_zigzag_ring():
+    """bf16 inputs, xla halves: partials merge in float32; against the float32 reference of the same
+    (bf16-rounded) inputs, with the bf16 tolerances."""
+    mesh = make_mesh(data=2, seq=SEQ)
+    x, (w, _) = inputs()
+    q, k, v = (x[n].astype(jnp.bfloat16) for n in ("q", "k", "v"))
+
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, causal=True, sliding_window=12, implementation=impl)
+            return jnp.sum(o.astype(jnp.float32) * w), o
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    zz = functools.partial(_reorder, mesh, to_zigzag, axes=(1,))
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy="ring", layout="zigzag")
+    got, o = loss(lambda *a, **kw: from_zigzag(ours(*map(zz, a), **kw), mesh), "xla")(q, k, v)
+    assert o.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want, o_ref = loss(flash_attention, "reference")(*f32)
+    assert_close("o", o, o_ref, tolerance(jnp.bfloat16))
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert_close("d" + name, g, r, tolerance(jnp.bfloat16, grad=True))
 
 
 def test_auto_rule():
