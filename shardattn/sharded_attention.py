@@ -87,9 +87,19 @@ class _Plan:
     # The positions are the token indices (derived, T == S, same packing for q and kv), so that which
     # blocks the causal/window mask empties is known from the ranks alone (static skipping is exact).
     index_positions: bool
-    has_sinks: bool
     dropout: bool
     static_positions: bool  # derived default positions, no cu_seqlens: rebuilt per device as numpy
+
+    @property
+    def zigzag_pairs(self) -> bool:
+        """Zigzag layout, causal, index positions: compute only the non-empty chunk pairs."""
+        return self.layout == "zigzag" and self.index_positions and self.options.causal
+
+    @property
+    def skip_blocks(self) -> bool:
+        """Contiguous layout, index positions, causal or window: skip the blocks the mask empties."""
+        masked = self.options.causal or self.options.window is not None
+        return self.layout == "contiguous" and self.index_positions and masked
 
 
 def _run(plan, function, *args, **kwargs):
@@ -160,19 +170,6 @@ def _empty(q, v):
 # q, all S columns: each round slices the columns of the block it holds).
 
 
-@dataclasses.dataclass
-class _Block:
-    """The key/value block a device holds in a ring round, and what travels with it."""
-
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    seg: jax.Array | None
-
-    def tree(self):
-        return (self.k, self.v, self.pos, self.seg)
-
-
 def _rotate(plan, x, shift=1):
     """ppermute over the sequence axis: rank j sends x to rank j + shift (mod P)."""
     num = plan.num_seq
@@ -220,7 +217,7 @@ def _ring_rounds(plan, blk0):
 def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
     """o [b, n, h, Dv] float32, lse [b, h, n] (no sinks) and the number of key blocks computed (int32;
     zigzag: chunk pairs)."""
-    if plan.layout == "zigzag" and plan.index_positions and plan.options.causal:
+    if plan.zigzag_pairs:
         return _zigzag_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
@@ -237,7 +234,7 @@ def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
             )  # fmt: skip
             return o_t.astype(jnp.float32), lse_t
 
-        if plan.index_positions and plan.layout == "contiguous":
+        if plan.skip_blocks:
             # A block the mask empties (causal: a later rank; window: out of reach) is skipped.
             nonempty = _block_nonempty(plan, rank, src, n)
             o_t, lse_t = jax.lax.cond(nonempty, compute, lambda: _empty(q, v))
@@ -320,7 +317,6 @@ def _ring_bwd(plan, residuals, cotangents):
     k, v, kv_pos, kv_seg, do = jax.lax.optimization_barrier((k, v, kv_pos, kv_seg, do))
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
-    zigzag = plan.layout == "zigzag" and plan.index_positions and plan.options.causal
     c = n // 2
 
     def bwd(rows, cols, blk, src):
@@ -345,11 +341,10 @@ def _ring_bwd(plan, residuals, cotangents):
             pad[axis] = (before, after)
             return jnp.pad(x, pad) if before or after else x
 
-        rows_, cols_ = rows, cols
-        dq = full(dq, 1, n, rows_)
-        dk, dv = full(dk, 1, m, cols_), full(dv, 1, m, cols_)
+        dq = full(dq, 1, n, rows)
+        dk, dv = full(dk, 1, m, cols), full(dv, 1, m, cols)
         if dbias is not None:
-            dbias = full(full(dbias, 2, n, rows_), 3, m, cols_)
+            dbias = full(full(dbias, 2, n, rows), 3, m, cols)
         return dq, dk, dv, dbias
 
     def no_work(blk):
@@ -369,7 +364,7 @@ def _ring_bwd(plan, residuals, cotangents):
     for t, src, blk in _ring_rounds(plan, (k, v, kv_pos, kv_seg)):
         if acc is not None:  # the previous block's accumulators follow it to this round's holder
             acc = _rotate(plan, acc)
-        if zigzag:
+        if plan.zigzag_pairs:
             if t == 0:
                 parts = [bwd(everything, early, blk, src), bwd(late, late, blk, src)]
             else:
@@ -380,7 +375,7 @@ def _ring_bwd(plan, residuals, cotangents):
                         lambda blk=blk, src=src: bwd(late, everything, blk, src),
                     )
                 ]
-        elif plan.index_positions and plan.layout == "contiguous":
+        elif plan.skip_blocks:
             parts = [
                 jax.lax.cond(
                     _block_nonempty(plan, rank, src, n),
@@ -422,14 +417,6 @@ def _add_sinks(o, lse, sinks):
 # Per-device function (inside shard_map).
 
 
-def _varying(x) -> frozenset:
-    """The mesh axes x varies over inside shard_map (check_vma). jax 0.10 names them aval.mat.varying,
-    other releases aval.vma."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    return frozenset(aval.mat.varying if vma is None else vma)
-
-
 def _static_positions(plan, b, T, S):
     """The default positions of a whole [b, T] / [b, S] sequence in the layout's order, as numpy: a
     backend then sees at trace time that they are the defaults (cudnn serves causal only then), as it
@@ -441,16 +428,6 @@ def _static_positions(plan, b, T, S):
         order = zigzag_order(plan.num_seq)
         q_pos, kv_pos = (x.reshape(2 * plan.num_seq, -1)[order].reshape(-1) for x in (q_pos, kv_pos))
     return np.broadcast_to(q_pos, (b, T)), np.broadcast_to(kv_pos, (b, S))
-
-
-def _vary_like(x, ref):
-    """x cast to every mesh axis `ref` varies over (no data moves). Inputs that are replicated over some
-    axes (bias with Bb = 1, positions over heads) enter a custom_vjp whose cotangents vary like q; after
-    this cast the transpose of the cast is the psum that sums those cotangents."""
-    if x is None:
-        return None
-    missing = tuple(sorted(_varying(ref) - _varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
 
 
 def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
@@ -494,7 +471,7 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
         lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
         return o, lse
     # ring
-    o, lse = _ring(plan, q, k, v, _vary_like(bias, q), q_pos, kv_pos, q_seg, kv_seg, rng)
+    o, lse = _ring(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     o, lse = _add_sinks(o, lse, sinks)
     return o.astype(q.dtype), lse
 
@@ -516,7 +493,9 @@ def _build(mesh, plan, in_specs, out_specs, present):
     # check_vma=False: the xla backend's loop carries start from jnp.zeros / jnp.full, which
     # varying-axes checking refuses inside shard_map ("manual axis types do not match"). With the
     # checker off, the psums of replicated inputs' cotangents (bias, sinks) come from shard_map's
-    # transpose, over the manual axes above. (Tested: every gradient against the reference.)
+    # transpose, over the manual axes above (tested: every gradient against the reference). Turning it
+    # on needs those carries built with zeros_like(q, ...), and the bias pcast to q's varying axes before
+    # the ring's custom_vjp (whose cotangents must vary like its inputs).
     return jax.jit(
         jax.shard_map(
             per_device,
@@ -654,7 +633,7 @@ def sharded_attention(
     plan = _Plan(
         batch_axes=axes.batch, seq_axis=axes.seq, head_axis=axes.heads, num_seq=num_seq, strategy=strategy,
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,
-        index_positions=index_positions, has_sinks=d.sinks is not None, dropout=d.options.dropout_rate > 0,
+        index_positions=index_positions, dropout=d.options.dropout_rate > 0,
         static_positions=d.derived_positions and not d.packed,
     )  # fmt: skip
 

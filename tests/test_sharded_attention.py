@@ -301,23 +301,31 @@ def test_window_shortens_the_ring():
     assert counts.tolist() == [3, 4, 4, 4, 4, 4, 3, 2], counts
 
 
-def test_window_ring_matches_reference():
-    """The shortened ring (3 of 8 rounds, dK/dV sent home from 2 hops away), xla halves, against the
-    reference: outputs and gradients."""
+@pytest.mark.parametrize(
+    "causal,window,impl",
+    [(True, 9, "xla"), (False, (3, 12), "reference")],
+    ids=["causal-w9-3of8rounds-xla", "w3,12-4of8rounds-shifted-reference"],
+)
+def test_window_ring_matches_reference(causal, window, impl):
+    """The shortened ring against the reference, outputs and gradients: causal window 9 runs 3 of 8
+    rounds (dK/dV sent home from 2 hops away); window (3, 12) runs 4 rounds after an initial shift of 2
+    ranks ahead (dK/dV home from 1 hop)."""
     mesh = make_mesh(seq=8)
     x, _ = inputs()
-    q, k, v = (jnp.tile(x[n], (1, 2, 1, 1)) for n in ("q", "k", "v"))  # T = 64
+    q, k, v = (jnp.tile(x[n], (1, 2, 1, 1)) for n in ("q", "k", "v"))  # T = 64, 8 tokens per shard
     w = jax.random.normal(jax.random.PRNGKey(5), q.shape)
 
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v, causal=True, sliding_window=9) * w)
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, causal=causal, sliding_window=window, implementation=impl)
+            return jnp.sum(o * w), o
 
-    ring = functools.partial(sharded_attention, mesh=mesh, strategy="ring", implementation="xla")
-    ref = functools.partial(flash_attention, implementation="reference")
-    got = jax.jit(jax.value_and_grad(loss(ring), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.value_and_grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
-    assert_close("loss", got[0], want[0], tolerance(jnp.float32))
-    for name, g, r in zip("qkv", got[1], want[1], strict=True):
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    got, o = loss(functools.partial(sharded_attention, mesh=mesh, strategy="ring"), impl)(q, k, v)
+    want, o_ref = loss(flash_attention, "reference")(q, k, v)
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    for name, g, r in zip("qkv", got, want, strict=True):
         assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
 
 
