@@ -8,8 +8,10 @@ Every figure comes with the device, the measured dense matmul rate (one jitted [
 in the workloads' dtype) and the device copy bandwidth (x + 1 over 1 GiB float32, bytes read + written),
 both measured in the same run. Rates count the matmul FLOPs of the pairs the mask allows (causal about
 half, a window fewer): forward 4·B·H·D·pairs, forward+backward 3.5x that (the backward recomputes the
-logits: 5 matmuls to the forward's 2). Each backend's time is also given as a ratio to cudnn's on the
-same workload where cudnn serves it (it has no soft cap). Writes JSON under benchmarks/results/.
+logits: 5 matmuls to the forward's 2). `--xla-blocks 256x512,...` adds rows of the xla backend with
+other (block_q x block_k) sizes than the default 512x512. Each backend's time is also given as a ratio
+to cudnn's on the same workload where cudnn serves it (it has no soft cap). Writes JSON under
+benchmarks/results/.
 """
 
 import argparse
@@ -107,6 +109,7 @@ def main(argv=None):
     p.add_argument(
         "--out", default=None, help="JSON file (default benchmarks/results/attention_<device>_<date>.json)"
     )
+    p.add_argument("--xla-blocks", default="", help="more xla rows at these block sizes: 256x256,1024x512")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median taken)")
     p.add_argument("--inner", type=int, default=5, help="back-to-back calls per round")
@@ -134,9 +137,18 @@ def main(argv=None):
     print(f"device: {device.device_kind} ({jax.default_backend()}); {dtype} matmul {rate:.1f} TFLOP/s; "
           f"copy bandwidth {bw:.0f} GB/s (read + write)", flush=True)  # fmt: skip
 
+    from shardattn.kernels.attention import xla as xla_backend
+
+    variants = [(impl, None) for impl in impls]  # (backend, xla block sizes or None for the default)
+    for spec in (b for b in args.xla_blocks.split(",") if b):
+        bq, bk = (int(n) for n in spec.split("x"))
+        variants.append(("xla", xla_backend.BlockSizes(bq, bk)))
+    default_blocks = xla_backend.DEFAULT_BLOCK_SIZES
     rows = []
     for name, w in workloads.items():
-        for impl in impls:
+        for impl, blocks in variants:
+            xla_backend.DEFAULT_BLOCK_SIZES = blocks or default_blocks
+            label = impl if blocks is None else f"xla{blocks.block_q}x{blocks.block_k}"
             try:
                 r = time_backend(impl, w, args.warmup, args.rounds, args.inner)
             except NotImplementedError as err:  # cudnn refuses some features: say which, keep going
@@ -146,9 +158,10 @@ def main(argv=None):
             flops = w.flops_fwd()
             r["fwd_tflops"] = flops / (r["fwd_ms"] * 1e-3) / 1e12 if r["fwd_ms"] else None
             r["fwd_bwd_tflops"] = 3.5 * flops / (r["fwd_bwd_ms"] * 1e-3) / 1e12 if r["fwd_bwd_ms"] else None
-            rows.append(dict(workload=name, impl=impl, **r))
+            xla_backend.DEFAULT_BLOCK_SIZES = default_blocks
+            rows.append(dict(workload=name, impl=label, **r))
             print(
-                f"  {name:28s} {impl:9s} fwd {r['fwd_ms'] or float('nan'):9.3f} ms  fwd+bwd "
+                f"  {name:28s} {label:9s} fwd {r['fwd_ms'] or float('nan'):9.3f} ms  fwd+bwd "
                 f"{r['fwd_bwd_ms'] or float('nan'):9.3f} ms  {r.get('error', '')[:120]}",
                 flush=True,
             )
