@@ -89,6 +89,7 @@ class _Plan:
     index_positions: bool
     dropout: bool
     static_positions: bool  # derived default positions, no cu_seqlens: rebuilt per device as numpy
+    return_lse: bool  # return_residuals
 
     @property
     def zigzag_pairs(self) -> bool:
@@ -431,9 +432,13 @@ def _static_positions(plan, b, T, S):
 
 
 def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
+    """(o, lse) with plan.return_lse, else o (lse is then not asked of the backend: cudnn serves
+    o alone)."""
+
     def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_offset=0):
         return run_backends(
-            plan.implementations, q, k, v, options=plan.options, bias=bias, sinks=sinks,
+            plan.implementations, q, k, v, return_lse=plan.return_lse, options=plan.options, bias=bias,
+            sinks=sinks,
             q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
             dropout_rng=rng,
             dropout_offsets=(jnp.int32(q_offset), jnp.int32(0)) if plan.dropout else None,
@@ -442,7 +447,7 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
     if plan.strategy == "local":
         if plan.static_positions:
             q_pos, kv_pos = _static_positions(plan, q.shape[0], q.shape[1], k.shape[1])
-        return attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        return _outputs(plan, *attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg))
     axis = plan.seq_axis
 
     def gather(x):  # [b, n, ...] -> [b, T, ...], in mesh order (the layout's order)
@@ -455,7 +460,8 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
             kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])[1]
         else:
             kv_all = gather(kv_pos)
-        return attend(q, gather(k), gather(v), q_pos, kv_all, q_seg, gather(kv_seg), rank * q.shape[1])
+        o, lse = attend(q, gather(k), gather(v), q_pos, kv_all, q_seg, gather(kv_seg), rank * q.shape[1])
+        return _outputs(plan, o, lse)
     if plan.strategy == "ulysses":
         # [b, n, h, D] -> [b, T, h/P, D]: heads split over the sequence axis, the sequence gathered; the
         # gathered positions say where each token really is (zigzag or not).
@@ -468,12 +474,17 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
             q_all, kv_all = gather(q_pos), gather(kv_pos)
         o, lse = attend(to_heads(q), to_heads(k), to_heads(v), q_all, kv_all, gather(q_seg), gather(kv_seg))
         o = jax.lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)  # [b, n, h, Dv]
-        lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
-        return o, lse
+        if plan.return_lse:
+            lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
+        return _outputs(plan, o, lse)
     # ring
     o, lse = _ring(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     o, lse = _add_sinks(o, lse, sinks)
-    return o.astype(q.dtype), lse
+    return _outputs(plan, o.astype(q.dtype), lse)
+
+
+def _outputs(plan, o, lse):
+    return (o, lse) if plan.return_lse else o
 
 
 @functools.lru_cache(maxsize=256)
@@ -634,7 +645,7 @@ def sharded_attention(
         batch_axes=axes.batch, seq_axis=axes.seq, head_axis=axes.heads, num_seq=num_seq, strategy=strategy,
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,
         index_positions=index_positions, dropout=d.options.dropout_rate > 0,
-        static_positions=d.derived_positions and not d.packed,
+        static_positions=d.derived_positions and not d.packed, return_lse=d.return_residuals,
     )  # fmt: skip
 
     bt = _entry(axes.batch)
@@ -669,9 +680,9 @@ def sharded_attention(
         return place_on(x, NamedSharding(mesh, spec))
 
     args = [place(x, spec) for x, spec in zip(args, specs, strict=True)]
-    out_specs = (P(bt, axes.seq, axes.heads, None), P(bt, axes.heads, axes.seq))
-    o, lse = _build(mesh, plan, tuple(specs), out_specs, tuple(present))(*args)
-    return (o, lse) if d.return_residuals else o
+    spec_o, spec_lse = P(bt, axes.seq, axes.heads, None), P(bt, axes.heads, axes.seq)
+    out_specs = (spec_o, spec_lse) if plan.return_lse else spec_o
+    return _build(mesh, plan, tuple(specs), out_specs, tuple(present))(*args)
 
 
 def _zigzag(x, num_seq):

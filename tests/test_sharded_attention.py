@@ -520,12 +520,12 @@ def test_exported():
 def test_default_positions_reach_the_backend_as_constants(monkeypatch, strategy, mesh_shape):
     """Where a device holds whole sequences (batch/head shards, ulysses), the backend gets the default
     positions as numpy constants, as under flash_attention: cudnn serves causal only when it can see
-    that at trace time."""
+    that at trace time, and only without lse."""
     seen = []
     real = sa.run_backends
 
     def spy(implementations, q, k, v, **kw):
-        seen.append((type(kw["q_positions"]), type(kw["kv_positions"])))
+        seen.append((type(kw["q_positions"]), type(kw["kv_positions"]), kw["return_lse"]))
         return real(implementations, q, k, v, **kw)
 
     monkeypatch.setattr(sa, "run_backends", spy)
@@ -535,6 +535,7 @@ def test_default_positions_reach_the_backend_as_constants(monkeypatch, strategy,
     x, _ = inputs(heads=8, kv_heads=4)
     o = sharded_attention(x["q"], x["k"], x["v"], mesh=mesh, strategy=strategy, causal=True,
                           implementation="reference")  # fmt: skip
-    assert seen and all(t == (np.ndarray, np.ndarray) for t in seen), seen
+    # ... and, without return_residuals, lse is not asked for (cudnn serves o alone).
+    assert seen and all(t == (np.ndarray, np.ndarray, False) for t in seen), seen
     o_ref = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
     assert_close("o", o, o_ref, tolerance(jnp.float32))
