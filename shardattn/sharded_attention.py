@@ -524,17 +524,16 @@ def _entry(names):
     return None if not names else names[0] if len(names) == 1 else names
 
 
-def _ring_schedule(plan_kw, *, num_seq, T, S, index_positions):
+def _ring_schedule(options, layout, *, num_seq, T, index_positions):
     """(rounds, shift) of the ring: every rank's block once, or with a window only the ranks it reaches
     (contiguous layout, index positions): d = src - rank in [-a, b], a = ceil(left / n), b = ceil(right /
     n) (0 under causal), run from d = b down to d = -a after an initial shift of b."""
-    opts = plan_kw["options"]
-    if not index_positions or plan_kw["layout"] != "contiguous" or opts.window is None:
+    if not index_positions or layout != "contiguous" or options.window is None:
         return num_seq, 0
     n = T // num_seq
-    left, right = opts.window
+    left, right = options.window
     a = -(-left // n)
-    b = 0 if opts.causal else -(-right // n)
+    b = 0 if options.causal else -(-right // n)
     if a + b + 1 >= num_seq:
         return num_seq, 0
     return a + b + 1, b
@@ -638,9 +637,8 @@ def sharded_attention(
     if layout == "zigzag" and d.packed:  # segment ids derived from cu_seqlens (original order)
         q_seg, kv_seg = (_zigzag(x, num_seq) for x in (q_seg, kv_seg))
 
-    plan_kw = dict(options=d.options, layout=layout)
     index_positions = d.derived_positions and T == S and d.same_packing
-    rounds, shift = _ring_schedule(plan_kw, num_seq=num_seq, T=T, S=S, index_positions=index_positions)
+    rounds, shift = _ring_schedule(d.options, layout, num_seq=num_seq, T=T, index_positions=index_positions)
     plan = _Plan(
         batch_axes=axes.batch, seq_axis=axes.seq, head_axis=axes.heads, num_seq=num_seq, strategy=strategy,
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,

@@ -394,6 +394,14 @@ def test_eager_on_an_explicit_mesh():
     assert_close("o", o, o_ref, tolerance(jnp.float32))
     assert o.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq", None, None)), 4)
 
+    # and a jitted gradient there (the ring: custom_vjp under an Explicit mesh)
+    def loss(attend):
+        return lambda q: jnp.sum(attend(q, x["k"], x["v"], causal=True, implementation="reference") ** 2)
+
+    ring = functools.partial(sharded_attention, mesh=mesh, strategy="ring")
+    dq = jax.jit(jax.grad(loss(ring)))(x["q"])
+    assert_close("dq", dq, jax.grad(loss(flash_attention))(x["q"]), tolerance(jnp.float32, grad=True))
+
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 def test_dropout_draws_the_unsharded_mask(strategy):
