@@ -547,3 +547,24 @@ def test_default_positions_reach_the_backend_as_constants(monkeypatch, strategy,
     assert seen and all(t == (np.ndarray, np.ndarray, False) for t in seen), seen
     o_ref = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
     assert_close("o", o, o_ref, tolerance(jnp.float32))
+
+
+@pytest.mark.gpu
+def test_one_gpu_mesh_is_the_bare_call():
+    """On one GPU, sharded_attention on a 1-device mesh runs the same per-device call as flash_attention
+    (default implementation: cudnn where it serves): bitwise the same output and gradients."""
+    mesh = make_mesh(seq=1, devices=jax.devices()[:1])
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, 1024, 8, 128), jnp.bfloat16) for kk in keys)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, causal=True).astype(jnp.float32) ** 2)
+
+    ours = functools.partial(sharded_attention, mesh=mesh)
+    o = jax.jit(lambda *a: ours(*a, causal=True))(q, k, v)
+    o_1 = jax.jit(lambda *a: flash_attention(*a, causal=True))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_1, np.float32))
+    g = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+    g_1 = jax.jit(jax.grad(loss(flash_attention), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g, g_1, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
