@@ -87,8 +87,20 @@ class _Plan:
     # The positions are the token indices (derived, T == S, same packing for q and kv), so that which
     # blocks the causal/window mask empties is known from the ranks alone (static skipping is exact).
     index_positions: bool
-    has_sinks: bool
     dropout: bool
+    static_positions: bool  # derived default positions, no cu_seqlens: rebuilt per device as numpy
+    return_lse: bool  # return_residuals
+
+    @property
+    def zigzag_pairs(self) -> bool:
+        """Zigzag layout, causal, index positions: compute only the non-empty chunk pairs."""
+        return self.layout == "zigzag" and self.index_positions and self.options.causal
+
+    @property
+    def skip_blocks(self) -> bool:
+        """Contiguous layout, index positions, causal or window: skip the blocks the mask empties."""
+        masked = self.options.causal or self.options.window is not None
+        return self.layout == "contiguous" and self.index_positions and masked
 
 
 def _run(plan, function, *args, **kwargs):
@@ -159,19 +171,6 @@ def _empty(q, v):
 # q, all S columns: each round slices the columns of the block it holds).
 
 
-@dataclasses.dataclass
-class _Block:
-    """The key/value block a device holds in a ring round, and what travels with it."""
-
-    k: jax.Array
-    v: jax.Array
-    pos: jax.Array
-    seg: jax.Array | None
-
-    def tree(self):
-        return (self.k, self.v, self.pos, self.seg)
-
-
 def _rotate(plan, x, shift=1):
     """ppermute over the sequence axis: rank j sends x to rank j + shift (mod P)."""
     num = plan.num_seq
@@ -219,7 +218,7 @@ def _ring_rounds(plan, blk0):
 def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
     """o [b, n, h, Dv] float32, lse [b, h, n] (no sinks) and the number of key blocks computed (int32;
     zigzag: chunk pairs)."""
-    if plan.layout == "zigzag" and plan.index_positions and plan.options.causal:
+    if plan.zigzag_pairs:
         return _zigzag_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
@@ -236,7 +235,7 @@ def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
             )  # fmt: skip
             return o_t.astype(jnp.float32), lse_t
 
-        if plan.index_positions and plan.layout == "contiguous":
+        if plan.skip_blocks:
             # A block the mask empties (causal: a later rank; window: out of reach) is skipped.
             nonempty = _block_nonempty(plan, rank, src, n)
             o_t, lse_t = jax.lax.cond(nonempty, compute, lambda: _empty(q, v))
@@ -319,7 +318,6 @@ def _ring_bwd(plan, residuals, cotangents):
     k, v, kv_pos, kv_seg, do = jax.lax.optimization_barrier((k, v, kv_pos, kv_seg, do))
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
-    zigzag = plan.layout == "zigzag" and plan.index_positions and plan.options.causal
     c = n // 2
 
     def bwd(rows, cols, blk, src):
@@ -344,11 +342,10 @@ def _ring_bwd(plan, residuals, cotangents):
             pad[axis] = (before, after)
             return jnp.pad(x, pad) if before or after else x
 
-        rows_, cols_ = rows, cols
-        dq = full(dq, 1, n, rows_)
-        dk, dv = full(dk, 1, m, cols_), full(dv, 1, m, cols_)
+        dq = full(dq, 1, n, rows)
+        dk, dv = full(dk, 1, m, cols), full(dv, 1, m, cols)
         if dbias is not None:
-            dbias = full(full(dbias, 2, n, rows_), 3, m, cols_)
+            dbias = full(full(dbias, 2, n, rows), 3, m, cols)
         return dq, dk, dv, dbias
 
     def no_work(blk):
@@ -368,7 +365,7 @@ def _ring_bwd(plan, residuals, cotangents):
     for t, src, blk in _ring_rounds(plan, (k, v, kv_pos, kv_seg)):
         if acc is not None:  # the previous block's accumulators follow it to this round's holder
             acc = _rotate(plan, acc)
-        if zigzag:
+        if plan.zigzag_pairs:
             if t == 0:
                 parts = [bwd(everything, early, blk, src), bwd(late, late, blk, src)]
             else:
@@ -379,7 +376,7 @@ def _ring_bwd(plan, residuals, cotangents):
                         lambda blk=blk, src=src: bwd(late, everything, blk, src),
                     )
                 ]
-        elif plan.index_positions and plan.layout == "contiguous":
+        elif plan.skip_blocks:
             parts = [
                 jax.lax.cond(
                     _block_nonempty(plan, rank, src, n),
@@ -421,67 +418,73 @@ def _add_sinks(o, lse, sinks):
 # Per-device function (inside shard_map).
 
 
-def _varying(x) -> frozenset:
-    """The mesh axes x varies over inside shard_map (check_vma). jax 0.10 names them aval.mat.varying,
-    other releases aval.vma."""
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    return frozenset(aval.mat.varying if vma is None else vma)
-
-
-def _vary_like(x, ref):
-    """x cast to every mesh axis `ref` varies over (no data moves). Inputs that are replicated over some
-    axes (bias with Bb = 1, positions over heads) enter a custom_vjp whose cotangents vary like q; after
-    this cast the transpose of the cast is the psum that sums those cotangents."""
-    if x is None:
-        return None
-    missing = tuple(sorted(_varying(ref) - _varying(x)))
-    return jax.lax.pcast(x, missing, to="varying") if missing else x
+def _static_positions(plan, b, T, S):
+    """The default positions of a whole [b, T] / [b, S] sequence in the layout's order, as numpy: a
+    backend then sees at trace time that they are the defaults (cudnn serves causal only then), as it
+    does under flash_attention. Only where a device holds every query or key (local, ulysses, the
+    gathered keys of allgather) and the positions were derived without cu_seqlens."""
+    q_pos = np.arange(S - T, S, dtype=np.int32)
+    kv_pos = np.arange(S, dtype=np.int32)
+    if plan.layout == "zigzag":
+        order = zigzag_order(plan.num_seq)
+        q_pos, kv_pos = (x.reshape(2 * plan.num_seq, -1)[order].reshape(-1) for x in (q_pos, kv_pos))
+    return np.broadcast_to(q_pos, (b, T)), np.broadcast_to(kv_pos, (b, S))
 
 
 def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
+    """(o, lse) with plan.return_lse, else o (lse is then not asked of the backend: cudnn serves
+    o alone)."""
+
     def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_offset=0):
         return run_backends(
-            plan.implementations, q, k, v, options=plan.options, bias=bias, sinks=sinks,
+            plan.implementations, q, k, v, return_lse=plan.return_lse, options=plan.options, bias=bias,
+            sinks=sinks,
             q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
             dropout_rng=rng,
             dropout_offsets=(jnp.int32(q_offset), jnp.int32(0)) if plan.dropout else None,
         )  # fmt: skip
 
     if plan.strategy == "local":
-        return attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg)
+        if plan.static_positions:
+            q_pos, kv_pos = _static_positions(plan, q.shape[0], q.shape[1], k.shape[1])
+        return _outputs(plan, *attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg))
     axis = plan.seq_axis
 
     def gather(x):  # [b, n, ...] -> [b, T, ...], in mesh order (the layout's order)
         return None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
 
+    num = plan.num_seq
     if plan.strategy == "allgather":
         rank = jax.lax.axis_index(axis)
-        return attend(
-            q, gather(k), gather(v), q_pos, gather(kv_pos), q_seg, gather(kv_seg), rank * q.shape[1]
-        )
+        if plan.static_positions:
+            kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])[1]
+        else:
+            kv_all = gather(kv_pos)
+        o, lse = attend(q, gather(k), gather(v), q_pos, kv_all, q_seg, gather(kv_seg), rank * q.shape[1])
+        return _outputs(plan, o, lse)
     if plan.strategy == "ulysses":
         # [b, n, h, D] -> [b, T, h/P, D]: heads split over the sequence axis, the sequence gathered; the
         # gathered positions say where each token really is (zigzag or not).
         def to_heads(x):
             return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
 
-        o, lse = attend(
-            to_heads(q),
-            to_heads(k),
-            to_heads(v),
-            gather(q_pos),
-            gather(kv_pos),
-            gather(q_seg),
-            gather(kv_seg),
-        )
+        if plan.static_positions:
+            q_all, kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])
+        else:
+            q_all, kv_all = gather(q_pos), gather(kv_pos)
+        o, lse = attend(to_heads(q), to_heads(k), to_heads(v), q_all, kv_all, gather(q_seg), gather(kv_seg))
         o = jax.lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)  # [b, n, h, Dv]
-        lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
-        return o, lse
+        if plan.return_lse:
+            lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
+        return _outputs(plan, o, lse)
     # ring
-    o, lse = _ring(plan, q, k, v, _vary_like(bias, q), q_pos, kv_pos, q_seg, kv_seg, rng)
+    o, lse = _ring(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     o, lse = _add_sinks(o, lse, sinks)
-    return o.astype(q.dtype), lse
+    return _outputs(plan, o.astype(q.dtype), lse)
+
+
+def _outputs(plan, o, lse):
+    return (o, lse) if plan.return_lse else o
 
 
 @functools.lru_cache(maxsize=256)
@@ -501,7 +504,9 @@ def _build(mesh, plan, in_specs, out_specs, present):
     # check_vma=False: the xla backend's loop carries start from jnp.zeros / jnp.full, which
     # varying-axes checking refuses inside shard_map ("manual axis types do not match"). With the
     # checker off, the psums of replicated inputs' cotangents (bias, sinks) come from shard_map's
-    # transpose, over the manual axes above. (Tested: every gradient against the reference.)
+    # transpose, over the manual axes above (tested: every gradient against the reference). Turning it
+    # on needs those carries built with zeros_like(q, ...), and the bias pcast to q's varying axes before
+    # the ring's custom_vjp (whose cotangents must vary like its inputs).
     return jax.jit(
         jax.shard_map(
             per_device,
@@ -519,17 +524,16 @@ def _entry(names):
     return None if not names else names[0] if len(names) == 1 else names
 
 
-def _ring_schedule(plan_kw, *, num_seq, T, S, index_positions):
+def _ring_schedule(options, layout, *, num_seq, T, index_positions):
     """(rounds, shift) of the ring: every rank's block once, or with a window only the ranks it reaches
     (contiguous layout, index positions): d = src - rank in [-a, b], a = ceil(left / n), b = ceil(right /
     n) (0 under causal), run from d = b down to d = -a after an initial shift of b."""
-    opts = plan_kw["options"]
-    if not index_positions or plan_kw["layout"] != "contiguous" or opts.window is None:
+    if not index_positions or layout != "contiguous" or options.window is None:
         return num_seq, 0
     n = T // num_seq
-    left, right = opts.window
+    left, right = options.window
     a = -(-left // n)
-    b = 0 if opts.causal else -(-right // n)
+    b = 0 if options.causal else -(-right // n)
     if a + b + 1 >= num_seq:
         return num_seq, 0
     return a + b + 1, b
@@ -633,13 +637,13 @@ def sharded_attention(
     if layout == "zigzag" and d.packed:  # segment ids derived from cu_seqlens (original order)
         q_seg, kv_seg = (_zigzag(x, num_seq) for x in (q_seg, kv_seg))
 
-    plan_kw = dict(options=d.options, layout=layout)
     index_positions = d.derived_positions and T == S and d.same_packing
-    rounds, shift = _ring_schedule(plan_kw, num_seq=num_seq, T=T, S=S, index_positions=index_positions)
+    rounds, shift = _ring_schedule(d.options, layout, num_seq=num_seq, T=T, index_positions=index_positions)
     plan = _Plan(
         batch_axes=axes.batch, seq_axis=axes.seq, head_axis=axes.heads, num_seq=num_seq, strategy=strategy,
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,
-        index_positions=index_positions, has_sinks=d.sinks is not None, dropout=d.options.dropout_rate > 0,
+        index_positions=index_positions, dropout=d.options.dropout_rate > 0,
+        static_positions=d.derived_positions and not d.packed, return_lse=d.return_residuals,
     )  # fmt: skip
 
     bt = _entry(axes.batch)
@@ -674,9 +678,9 @@ def sharded_attention(
         return place_on(x, NamedSharding(mesh, spec))
 
     args = [place(x, spec) for x, spec in zip(args, specs, strict=True)]
-    out_specs = (P(bt, axes.seq, axes.heads, None), P(bt, axes.heads, axes.seq))
-    o, lse = _build(mesh, plan, tuple(specs), out_specs, tuple(present))(*args)
-    return (o, lse) if d.return_residuals else o
+    spec_o, spec_lse = P(bt, axes.seq, axes.heads, None), P(bt, axes.heads, axes.seq)
+    out_specs = (spec_o, spec_lse) if plan.return_lse else spec_o
+    return _build(mesh, plan, tuple(specs), out_specs, tuple(present))(*args)
 
 
 def _zigzag(x, num_seq):

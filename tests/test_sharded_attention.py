@@ -192,7 +192,9 @@ def test_matches_reference(strategy, layout, feature):
         assert set(ops) == {"all-to-all", "all-gather", "all-reduce"}, dict(ops)
         # forward: q, k, v to heads, o and lse back; backward: do and dlse to heads, dq, dk, dv back.
         assert len(ops["all-to-all"]) == 10, ops["all-to-all"]
-        assert [s.split("{")[0] for s in ops["all-gather"]] == [f"s32[{b},{T}]"] * 2  # q and kv positions
+        # Segment ids gathered (the positions are the defaults, rebuilt on each device; here the q and
+        # kv segment ids are one array, gathered once).
+        assert [s.split("{")[0] for s in ops["all-gather"]] == [f"s32[{b},{T}]"], ops["all-gather"]
         assert {s.split("{")[0] for s in ops["all-reduce"]} == {f"f32[{heads // SEQ},2]"}  # d sinks
 
 
@@ -299,23 +301,31 @@ def test_window_shortens_the_ring():
     assert counts.tolist() == [3, 4, 4, 4, 4, 4, 3, 2], counts
 
 
-def test_window_ring_matches_reference():
-    """The shortened ring (3 of 8 rounds, dK/dV sent home from 2 hops away), xla halves, against the
-    reference: outputs and gradients."""
+@pytest.mark.parametrize(
+    "causal,window,impl",
+    [(True, 9, "xla"), (False, (3, 12), "reference")],
+    ids=["causal-w9-3of8rounds-xla", "w3,12-4of8rounds-shifted-reference"],
+)
+def test_window_ring_matches_reference(causal, window, impl):
+    """The shortened ring against the reference, outputs and gradients: causal window 9 runs 3 of 8
+    rounds (dK/dV sent home from 2 hops away); window (3, 12) runs 4 rounds after an initial shift of 2
+    ranks ahead (dK/dV home from 1 hop)."""
     mesh = make_mesh(seq=8)
     x, _ = inputs()
-    q, k, v = (jnp.tile(x[n], (1, 2, 1, 1)) for n in ("q", "k", "v"))  # T = 64
+    q, k, v = (jnp.tile(x[n], (1, 2, 1, 1)) for n in ("q", "k", "v"))  # T = 64, 8 tokens per shard
     w = jax.random.normal(jax.random.PRNGKey(5), q.shape)
 
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v, causal=True, sliding_window=9) * w)
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, causal=causal, sliding_window=window, implementation=impl)
+            return jnp.sum(o * w), o
 
-    ring = functools.partial(sharded_attention, mesh=mesh, strategy="ring", implementation="xla")
-    ref = functools.partial(flash_attention, implementation="reference")
-    got = jax.jit(jax.value_and_grad(loss(ring), argnums=(0, 1, 2)))(q, k, v)
-    want = jax.jit(jax.value_and_grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
-    assert_close("loss", got[0], want[0], tolerance(jnp.float32))
-    for name, g, r in zip("qkv", got[1], want[1], strict=True):
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    got, o = loss(functools.partial(sharded_attention, mesh=mesh, strategy="ring"), impl)(q, k, v)
+    want, o_ref = loss(flash_attention, "reference")(q, k, v)
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    for name, g, r in zip("qkv", got, want, strict=True):
         assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
 
 
@@ -384,23 +394,63 @@ def test_eager_on_an_explicit_mesh():
     assert_close("o", o, o_ref, tolerance(jnp.float32))
     assert o.sharding.is_equivalent_to(NamedSharding(mesh, P("data", "seq", None, None)), 4)
 
+    # and a jitted gradient there (the ring: custom_vjp under an Explicit mesh)
+    def loss(attend):
+        return lambda q: jnp.sum(attend(q, x["k"], x["v"], causal=True, implementation="reference") ** 2)
+
+    ring = functools.partial(sharded_attention, mesh=mesh, strategy="ring")
+    dq = jax.jit(jax.grad(loss(ring)))(x["q"])
+    assert_close("dq", dq, jax.grad(loss(flash_attention))(x["q"]), tolerance(jnp.float32, grad=True))
+
 
 @pytest.mark.parametrize("strategy", ["allgather", "ring"])
 def test_dropout_draws_the_unsharded_mask(strategy):
-    """dropout_offsets carry the global token indices, so each shard draws its part of the same mask."""
+    """dropout_offsets carry the global token indices, so each shard draws its part of the same mask:
+    the xla backend on 8 shards (the ring through its own halves) against the unsharded reference."""
     mesh = make_mesh(data=1, seq=8)
     x, (w, _) = inputs(batch=1)
-    kw = dict(causal=True, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(7), implementation="reference")
+    kw = dict(causal=True, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(7))
 
-    def loss(attend):
-        return lambda q, k, v: jnp.sum(attend(q, k, v, **kw) * w[:1])
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, implementation=impl, **kw)
+            return jnp.sum(o * w[:1]), o
 
-    ring = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
-    got = jax.jit(jax.value_and_grad(loss(ring), argnums=(0, 1, 2)))(x["q"], x["k"], x["v"])
-    want = jax.jit(jax.value_and_grad(loss(flash_attention), argnums=(0, 1, 2)))(x["q"], x["k"], x["v"])
-    assert_close("loss", got[0], want[0], tolerance(jnp.float32))
-    for name, g, r in zip("qkv", got[1], want[1], strict=True):
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
+    got, o = loss(ours, "xla")(x["q"], x["k"], x["v"])
+    want, o_ref = loss(flash_attention, "reference")(x["q"], x["k"], x["v"])
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    for name, g, r in zip("qkv", got, want, strict=True):
         assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+    no_dropout = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
+    assert float(jnp.max(jnp.abs(o_ref - no_dropout))) > 0.1  # dropout did act
+
+
+def test_bf16_zigzag_ring():
+    """bf16 inputs, xla halves: partials merge in float32; against the float32 reference of the same
+    (bf16-rounded) inputs, with the bf16 tolerances."""
+    mesh = make_mesh(data=2, seq=SEQ)
+    x, (w, _) = inputs()
+    q, k, v = (x[n].astype(jnp.bfloat16) for n in ("q", "k", "v"))
+
+    def loss(attend, impl):
+        def f(q, k, v):
+            o = attend(q, k, v, causal=True, sliding_window=12, implementation=impl)
+            return jnp.sum(o.astype(jnp.float32) * w), o
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    zz = functools.partial(_reorder, mesh, to_zigzag, axes=(1,))
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy="ring", layout="zigzag")
+    got, o = loss(lambda *a, **kw: from_zigzag(ours(*map(zz, a), **kw), mesh), "xla")(q, k, v)
+    assert o.dtype == jnp.bfloat16
+    f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+    want, o_ref = loss(flash_attention, "reference")(*f32)
+    assert_close("o", o, o_ref, tolerance(jnp.bfloat16))
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert_close("d" + name, g, r, tolerance(jnp.bfloat16, grad=True))
 
 
 def test_auto_rule():
@@ -472,3 +522,49 @@ def test_bad_input(kwargs, exc, match):
 def test_exported():
     assert shardattn.sharded_attention is sharded_attention
     assert callable(shardattn.meshes.to_zigzag)
+
+
+@pytest.mark.parametrize("strategy,mesh_shape", [("auto", (2, 1, 4)), ("ulysses", (1, 4, 1))])
+def test_default_positions_reach_the_backend_as_constants(monkeypatch, strategy, mesh_shape):
+    """Where a device holds whole sequences (batch/head shards, ulysses), the backend gets the default
+    positions as numpy constants, as under flash_attention: cudnn serves causal only when it can see
+    that at trace time, and only without lse."""
+    seen = []
+    real = sa.run_backends
+
+    def spy(implementations, q, k, v, **kw):
+        seen.append((type(kw["q_positions"]), type(kw["kv_positions"]), kw["return_lse"]))
+        return real(implementations, q, k, v, **kw)
+
+    monkeypatch.setattr(sa, "run_backends", spy)
+    sa._build.cache_clear()  # trace afresh, through the spy
+    mesh = make_mesh(data=mesh_shape[0], seq=mesh_shape[1], heads=mesh_shape[2],
+                     devices=jax.devices()[: int(np.prod(mesh_shape))])  # fmt: skip
+    x, _ = inputs(heads=8, kv_heads=4)
+    o = sharded_attention(x["q"], x["k"], x["v"], mesh=mesh, strategy=strategy, causal=True,
+                          implementation="reference")  # fmt: skip
+    # ... and, without return_residuals, lse is not asked for (cudnn serves o alone).
+    assert seen and all(t == (np.ndarray, np.ndarray, False) for t in seen), seen
+    o_ref = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+
+
+@pytest.mark.gpu
+def test_one_gpu_mesh_is_the_bare_call():
+    """On one GPU, sharded_attention on a 1-device mesh runs the same per-device call as flash_attention
+    (default implementation: cudnn where it serves): bitwise the same output and gradients."""
+    mesh = make_mesh(seq=1, devices=jax.devices()[:1])
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    q, k, v = (jax.random.normal(kk, (1, 1024, 8, 128), jnp.bfloat16) for kk in keys)
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(attend(q, k, v, causal=True).astype(jnp.float32) ** 2)
+
+    ours = functools.partial(sharded_attention, mesh=mesh)
+    o = jax.jit(lambda *a: ours(*a, causal=True))(q, k, v)
+    o_1 = jax.jit(lambda *a: flash_attention(*a, causal=True))(q, k, v)
+    np.testing.assert_array_equal(np.asarray(o, np.float32), np.asarray(o_1, np.float32))
+    g = jax.jit(jax.grad(loss(ours), argnums=(0, 1, 2)))(q, k, v)
+    g_1 = jax.jit(jax.grad(loss(flash_attention), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(g, g_1, strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
