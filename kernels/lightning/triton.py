@@ -212,17 +212,17 @@ def _kernels():
             if not STATES_ONLY:
                 q = tl.load(q_ptr + t[:, None] * (H * DK) + h * DK + rk[None, :],
                             mask=valid[:, None] & mk[None, :], other=0.0)
-                # Causality of non-finite values: zeroed copies in the intra-chunk dots, the mask
-                # selected (tl.where, never * 0), and every output from a bad k_j or v_j on (in this
-                # block's columns) set to NaN. A bad q_i reaches o_i through the raw q of the state term.
-                scores = tl.where(diff >= 0, _dot(_finite(q), tl.trans(_finite(k)), IEEE) * intra, 0.0)
-                o = _dot(scores.to(v.dtype), _finite(v), IEEE)
+                # Causality of non-finite values. The mask is selected (tl.where, never * 0), so a bad
+                # q_i or k_j reaches only the rows i' >= j of the scores. In the second dot a bad v_j
+                # would reach every row (0 * NaN), so bad rows of v are zeroed there and their NaN
+                # re-enters every output from j on: bad_j = sum(0 * v_j) is 0, or NaN exactly when v_j
+                # is not finite, and its prefix sum is NaN from j on. (Two row reductions and one scan
+                # of C values per chunk; the chunk state below uses the raw k, v and carries the NaN.)
+                scores = tl.where(diff >= 0, _dot(q, tl.trans(k), IEEE) * intra, 0.0)
+                bad = tl.sum(v.to(tl.float32) * 0.0, axis=1)  # [C]: 0 or NaN
+                o = _dot(scores.to(v.dtype), tl.where(bad[:, None] == 0.0, v, tl.zeros_like(v)), IEEE)
+                o += tl.cumsum(bad, axis=0)[:, None]
                 o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
-                k_bad = tl.max(tl.where(tl.abs(k.to(tl.float32)) < float("inf"), 0, 1), axis=1)  # [C]
-                v_bad = tl.max(tl.where(tl.abs(v.to(tl.float32)) < float("inf"), 0, 1), axis=1)
-                bad = (k_bad + v_bad) > 0
-                reached = tl.max(tl.where((diff >= 0) & bad[None, :], 1, 0), axis=1) > 0  # some j <= i
-                o = tl.where(reached[:, None], float("nan"), o)
                 tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
                          (SCALE * o).to(o_ptr.dtype.element_ty), mask=valid[:, None] & mv[None, :])
             # valid tokens in this chunk: only the last chunk of a segment may be short
@@ -300,9 +300,10 @@ def _kernels():
 
             # Zeroed copies of non-finite entries and selected masks in the intra-chunk products (as in
             # the forward): a NaN in q_i then reaches no dk_j, dv_j of a later token j.
+            # (k, v enter only products whose masked terms are selected away: no copies needed.)
             q_f = _finite(q)
-            kq = _dot(_finite(k), tl.trans(q_f), IEEE)  # [j, i] = k_j . q_i
-            vdo = _dot(_finite(v), tl.trans(do), IEEE)  # [j, i] = v_j . dO_i
+            kq = _dot(k, tl.trans(q), IEEE)  # [j, i] = k_j . q_i
+            vdo = _dot(v, tl.trans(do), IEEE)  # [j, i] = v_j . dO_i
             a = tl.where(lag >= 0, kq * intra_t, 0.0)
             b = tl.where(lag >= 0, vdo * intra_t, 0.0)
             dv = SCALE * _dot(a.to(do.dtype), do, IEEE)
@@ -461,10 +462,11 @@ def _kernels():
 
         # Zeroed copies of non-finite entries and selected masks in the intra-chunk products (as in the
         # forward): a NaN in q_i then reaches no dk_j, dv_j of a later token j.
+        # (The score products select their masked terms away and need no copies.)
         q_f = _finite(q)
         k_f = _finite(k)
-        qk = _dot(q_f, tl.trans(k_f), IEEE)  # [i, j]
-        dov = _dot(do, tl.trans(_finite(v)), IEEE)  # [i, j]
+        qk = _dot(q, tl.trans(k), IEEE)  # [i, j]
+        dov = _dot(do, tl.trans(v), IEEE)  # [i, j]
         a = tl.where(lag >= 0, qk * intra, 0.0)
         b = tl.where(lag >= 0, dov * intra, 0.0)
         dq = _dot(b.to(k.dtype), k_f, IEEE) + q_decay[:, None] * _dot(do, tl.trans(S_in.to(do.dtype)), IEEE)
