@@ -99,15 +99,31 @@ def _fit(block: int, n: int) -> int:
 # ---------------------------------------------------------------------------------------- block ranges
 
 
-def _extent(x, block: int):
-    """x [B, L] int32 -> per block of `block` entries: min [B, n], max [B, n], no padding [n]."""
+def _blocked(x, block: int):
+    """x [B, L] -> ([B, n, block] zero-padded, [n, block] numpy mask of the real entries)."""
     B, L = x.shape
     n = -(-L // block)
     valid = (np.arange(n * block) < L).reshape(n, block)
-    x = jnp.pad(x, ((0, 0), (0, n * block - L))).reshape(B, n, block)
+    return jnp.pad(jnp.asarray(x, jnp.int32), ((0, 0), (0, n * block - L))).reshape(B, n, block), valid
+
+
+def _extent(x, block: int):
+    """x [B, L] int32 -> per block of `block` entries: min [B, n], max [B, n], no padding [n]."""
+    x, valid = _blocked(x, block)
     lo = jnp.min(jnp.where(valid, x, _INT_MAX), axis=2)
     hi = jnp.max(jnp.where(valid, x, _INT_MIN), axis=2)
     return lo, hi, valid.all(axis=1)
+
+
+def _position_at(pos, seg, seg_bound, block: int, largest: bool):
+    """Per block: the largest (or smallest) position among the entries whose segment id is seg_bound
+    [B, n]: with it, (seg_bound, that position) is the block's lexicographic max (or min)."""
+    pos, valid = _blocked(pos, block)
+    seg, _ = _blocked(seg, block)
+    at = valid & (seg == seg_bound[..., None])
+    if largest:
+        return jnp.max(jnp.where(at, pos, _INT_MIN), axis=2)
+    return jnp.min(jnp.where(at, pos, _INT_MAX), axis=2)
 
 
 def block_pairs(q_positions, kv_positions, q_segment_ids, kv_segment_ids, options, bq: int, bk: int):
@@ -115,10 +131,12 @@ def block_pairs(q_positions, kv_positions, q_segment_ids, kv_segment_ids, option
 
     need: the block pair may hold an allowed pair (from the blocks' position and segment-id ranges);
     full: every pair is allowed and neither block has padding (no mask needed). full implies need.
+    With segments and causal, the blocks' lexicographic (segment, position) max / min are compared too:
+    packed sequences restart their positions, and only that order makes the ranges exact for them.
     Positions must span less than 2^31 (differences are int32), as in the kernels.
     """
-    qmin, qmax, qfull = _extent(jnp.asarray(q_positions, jnp.int32), bq)
-    kmin, kmax, kfull = _extent(jnp.asarray(kv_positions, jnp.int32), bk)
+    qmin, qmax, qfull = _extent(q_positions, bq)
+    kmin, kmax, kfull = _extent(kv_positions, bk)
     qmin, qmax = qmin[:, :, None], qmax[:, :, None]
     kmin, kmax = kmin[:, None, :], kmax[:, None, :]
     need = jnp.ones(jnp.broadcast_shapes(qmin.shape, kmin.shape), bool)
@@ -131,8 +149,13 @@ def block_pairs(q_positions, kv_positions, q_segment_ids, kv_segment_ids, option
         need &= (qmin - kmax <= left) & (qmax - kmin >= -right)
         full &= (qmax - kmin <= left) & (qmin - kmax >= -right)
     if q_segment_ids is not None:
-        smin, smax, _ = _extent(jnp.asarray(q_segment_ids, jnp.int32), bq)
-        tmin, tmax, _ = _extent(jnp.asarray(kv_segment_ids, jnp.int32), bk)
+        smin, smax, _ = _extent(q_segment_ids, bq)
+        tmin, tmax, _ = _extent(kv_segment_ids, bk)
+        if options.causal:  # an allowed pair (s, p_q) >= (s, p_k) bounds lexmax(q block) >= lexmin(k block)
+            q_top = _position_at(q_positions, q_segment_ids, smax, bq, largest=True)[:, :, None]
+            k_bottom = _position_at(kv_positions, kv_segment_ids, tmin, bk, largest=False)[:, None, :]
+            s_hi, t_lo = smax[:, :, None], tmin[:, None, :]
+            need &= (s_hi > t_lo) | ((s_hi == t_lo) & (q_top >= k_bottom))
         smin, smax, tmin, tmax = smin[:, :, None], smax[:, :, None], tmin[:, None, :], tmax[:, None, :]
         need &= (tmin <= smax) & (tmax >= smin)
         full &= (smin == smax) & (tmin == tmax) & (smin == tmin)
