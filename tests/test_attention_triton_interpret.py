@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import assert_close, tolerance
+from triton_attention_check import check_against_reference, inputs, loss_and_grads, positions
 
 # The interpreter must be chosen before triton is first imported: triton's own standard-library functions
 # (tl.zeros, tl.max, ...) are @triton.jit functions, decorated at import. A GPU process runs the compiled
@@ -31,8 +32,13 @@ pytest.importorskip("triton")
 from shardattn.kernels.attention import reference  # noqa: E402
 from shardattn.kernels.attention import triton as triton_attn  # noqa: E402
 from shardattn.kernels.attention.options import AttentionOptions  # noqa: E402
+from shardattn.kernels.lightning.varying import match_varying  # noqa: E402
 
 SMALL = triton_attn.BlockSizes(16, 16, 4, 1, 16, 16, 4, 1, 16, 16, 4, 1)
+
+
+def _check(*args, **kw):
+    return check_against_reference(*args, blocks=SMALL, **kw)
 
 
 def _interpreted():
@@ -78,7 +84,8 @@ def _interpret_launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, 
         kernel[grid](*args, *outs, **meta)
         return tuple(_to_numpy(t, s.dtype) for t, s in zip(outs, out_shapes, strict=True))
 
-    return jax.pure_callback(host, tuple(out_shapes), *inputs)
+    outputs = jax.pure_callback(host, tuple(out_shapes), *inputs)
+    return tuple(match_varying(o, *inputs) for o in outputs)  # as triton._launch does
 
 
 @pytest.fixture(autouse=True)
@@ -87,74 +94,19 @@ def interpreter(monkeypatch):
     monkeypatch.setattr(triton_attn, "_check_platform", lambda: None)
 
 
-def _inputs(B, T, S, H, Hkv, Dk, Dv, dtype, seed=0):
-    keys = jax.random.split(jax.random.PRNGKey(seed), 4)
-    q = jax.random.normal(keys[0], (B, T, H, Dk), jnp.float32)
-    k = jax.random.normal(keys[1], (B, S, Hkv, Dk), jnp.float32)
-    v = jax.random.normal(keys[2], (B, S, Hkv, Dv), jnp.float32)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype)
-
-
-def _loss_and_grads(fn, q, k, v, bias, sinks, kw, seed=3):
-    """(o, lse) and the gradients in q, k, v, bias, sinks of a random projection of o and the finite lse."""
-    B, T, H, _ = q.shape
-    kw_o, kw_l = jax.random.split(jax.random.PRNGKey(seed))
-    w_o = jax.random.normal(kw_o, (B, T, H, v.shape[3]), jnp.float32)
-    w_l = jax.random.normal(kw_l, (B, H, T), jnp.float32)
-
-    def loss(q, k, v, bias, sinks):
-        o, lse = fn(q, k, v, bias=bias, sinks=sinks, **kw)
-        lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0)
-        return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(lse_term * w_l), (o, lse)
-
-    argnums = (0, 1, 2) + ((3,) if bias is not None else ()) + ((4,) if sinks is not None else ())
-    grads, (o, lse) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, bias, sinks)
-    return o, lse, grads
-
-
-def _check(q, k, v, *, bias=None, sinks=None, options, blocks=SMALL, **kw):
-    """Triton (interpreted) against the float32 reference: o, lse and every gradient."""
-    dtype = q.dtype
-    triton_fn = functools.partial(triton_attn.attention, options=options, block_sizes=blocks)
-    ref_fn = functools.partial(reference.attention, options=options)
-    o, lse, grads = _loss_and_grads(triton_fn, q, k, v, bias, sinks, kw)
-    f32 = lambda x: None if x is None else x.astype(jnp.float32)  # noqa: E731
-    ro, rlse, rgrads = _loss_and_grads(ref_fn, f32(q), f32(k), f32(v), f32(bias), sinks, kw)
-    assert o.dtype == dtype and lse.dtype == jnp.float32
-    errors = {"o": assert_close("o", o, ro, tolerance(dtype))}
-    np.testing.assert_array_equal(np.isfinite(lse), np.isfinite(rlse))
-    finite = np.isfinite(np.asarray(rlse))
-    errors["lse"] = assert_close("lse", np.asarray(lse)[finite], np.asarray(rlse)[finite], tolerance(dtype))
-    names = (
-        ["dq", "dk", "dv"]
-        + (["dbias"] if bias is not None else [])
-        + (["dsinks"] if sinks is not None else [])
-    )
-    for name, g, rg in zip(names, grads, rgrads, strict=True):
-        errors[name] = assert_close(name, g, rg, tolerance(dtype, grad=True))
-    return errors
-
-
-def _positions(B, T, S):
-    return (
-        jnp.broadcast_to(jnp.arange(S - T, S, dtype=jnp.int32), (B, T)),
-        jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S)),
-    )
-
-
 def test_causal_gqa_odd_head_dims():
     """B2-T40-S56-H4/2-D24x20 float32: padded head dims, T != S, several masked and full blocks."""
     B, T, S = 2, 40, 56
-    q, k, v = _inputs(B, T, S, 4, 2, 24, 20, jnp.float32)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 4, 2, 24, 20, jnp.float32)
+    qp, kp = positions(B, T, S)
     _check(q, k, v, q_positions=qp, kv_positions=kp, options=AttentionOptions(scale=24**-0.5, causal=True))
 
 
 def test_window_softcap_bias_sinks():
     """Two-sided window (9, 5), soft cap, bias [1, H, T, S], two sinks per head; not causal; MQA H4/1."""
     B, T, S = 1, 48, 48
-    q, k, v = _inputs(B, T, S, 4, 1, 16, 16, jnp.float32, seed=1)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 4, 1, 16, 16, jnp.float32, seed=1)
+    qp, kp = positions(B, T, S)
     bias = jax.random.normal(jax.random.PRNGKey(5), (1, 4, T, S), jnp.float32)
     sinks = jax.random.normal(jax.random.PRNGKey(6), (4, 2), jnp.float32)
     options = AttentionOptions(scale=0.5, window=(9, 5), soft_cap=3.0)
@@ -164,7 +116,7 @@ def test_window_softcap_bias_sinks():
 def test_segments_causal_bias_per_batch():
     """Packed segments with causal positions per segment and a bias [B, 1, T, S]."""
     B, T = 2, 48
-    q, k, v = _inputs(B, T, T, 2, 2, 16, 16, jnp.float32, seed=2)
+    q, k, v = inputs(B, T, T, 2, 2, 16, 16, jnp.float32, seed=2)
     seg = np.repeat(np.array([[0, 1, 2], [5, 6, 7]]), [13, 20, 15], axis=1).astype(np.int32)
     pos = np.concatenate([np.arange(13), np.arange(20), np.arange(15)]).astype(np.int32)
     pos = jnp.asarray(np.broadcast_to(pos, (B, T)))
@@ -176,8 +128,8 @@ def test_segments_causal_bias_per_batch():
 def test_dropout_reproduces_the_shared_mask():
     """Dropout with global offsets: the kernels' uint32 hash must equal dropout.py's bit for bit."""
     B, T, S = 1, 32, 40
-    q, k, v = _inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=3)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=3)
+    qp, kp = positions(B, T, S)
     options = AttentionOptions(scale=0.25, causal=True, dropout_rate=0.3)
     _check(q, k, v, q_positions=qp, kv_positions=kp, dropout_rng=jax.random.key(11),
            dropout_offsets=(jnp.int32(64), jnp.int32(-8)), options=options)  # fmt: skip
@@ -186,25 +138,25 @@ def test_dropout_reproduces_the_shared_mask():
 def test_empty_rows_and_nan_at_unseen_keys():
     """Rows with nothing allowed: o = 0, lse = -inf, zero gradients; NaN in unseen keys reaches nothing."""
     B, T, S = 1, 40, 48
-    q, k, v = _inputs(B, T, S, 2, 1, 16, 16, jnp.float32, seed=4)
+    q, k, v = inputs(B, T, S, 2, 1, 16, 16, jnp.float32, seed=4)
     q_seg = np.zeros((B, T), np.int32)
     q_seg[:, 30:] = 9  # segment 9 has no keys: empty rows
     kv_seg = np.zeros((B, S), np.int32)
     kv_seg[:, 36:] = -1  # keys that no query sees, holding NaN
     k = k.at[:, 36:].set(jnp.nan)
     v = v.at[:, 36:].set(jnp.nan)
-    qp, kp = _positions(B, T, S)
+    qp, kp = positions(B, T, S)
     sinks = None
     options = AttentionOptions(scale=0.25, causal=True)
     kw = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), q_positions=qp,
               kv_positions=kp)  # fmt: skip
     fn = functools.partial(triton_attn.attention, options=options, block_sizes=SMALL)
-    o, lse, (dq, dk, dv) = _loss_and_grads(fn, q, k, v, None, sinks, kw)
+    o, lse, (dq, dk, dv) = loss_and_grads(fn, q, k, v, None, sinks, kw)
     assert np.all(np.asarray(o)[:, 30:] == 0) and np.all(np.asarray(lse)[:, :, 30:] == -np.inf)
     assert np.all(np.asarray(dq)[:, 30:] == 0)
     assert np.all(np.asarray(dk)[:, 36:] == 0) and np.all(np.asarray(dv)[:, 36:] == 0)
     # the rest against the reference on the same (NaN-holding) inputs
-    ro, rlse, (rdq, rdk, rdv) = _loss_and_grads(functools.partial(reference.attention, options=options),
+    ro, rlse, (rdq, rdk, rdv) = loss_and_grads(functools.partial(reference.attention, options=options),
                                                 q, k, v, None, None, kw)  # fmt: skip
     tol = tolerance(jnp.float32)
     assert_close("o", o, ro, tol)
@@ -213,11 +165,11 @@ def test_empty_rows_and_nan_at_unseen_keys():
         assert_close(name, g, rg, 2 * tol)
 
 
-def test_more_queries_than_keys_and_unsorted_positions():
+def test_more_queries_than_keys_and_unsortedpositions():
     """T > S with end-aligned positions (early rows see nothing), then shuffled positions with a window."""
     B, T, S = 1, 56, 40
-    q, k, v = _inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=5)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=5)
+    qp, kp = positions(B, T, S)
     _check(q, k, v, q_positions=qp, kv_positions=kp, options=AttentionOptions(scale=0.25, causal=True))
     rng = np.random.default_rng(0)
     qp = jnp.asarray(rng.permutation(T)[None].astype(np.int32))
@@ -230,8 +182,8 @@ def test_float16():
     """Half precision with soft cap and a sink. (Not bfloat16: the interpreter stores bfloat16 as uint16 and
     its tl.dot then multiplies the bits; bfloat16 runs in tests/test_attention_triton_gpu.py.)"""
     B, T, S = 1, 40, 40
-    q, k, v = _inputs(B, T, S, 4, 2, 32, 32, jnp.float16, seed=6)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 4, 2, 32, 32, jnp.float16, seed=6)
+    qp, kp = positions(B, T, S)
     sinks = jax.random.normal(jax.random.PRNGKey(8), (4, 1), jnp.float32)
     _check(q, k, v, sinks=sinks, q_positions=qp, kv_positions=kp,
            options=AttentionOptions(scale=32**-0.5, causal=True, soft_cap=5.0))  # fmt: skip
@@ -240,8 +192,8 @@ def test_float16():
 def test_backward_uses_the_given_lse_and_o():
     """backward with the whole o and lse, on two key halves: dq sums and dk/dv per half match the whole."""
     B, T, S = 1, 32, 48
-    q, k, v = _inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=7)
-    qp, kp = _positions(B, T, S)
+    q, k, v = inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=7)
+    qp, kp = positions(B, T, S)
     options = AttentionOptions(scale=0.25, causal=True)
     do = jax.random.normal(jax.random.PRNGKey(9), (B, T, 2, 16), jnp.float32)
     kw = dict(options=options, block_sizes=SMALL)
