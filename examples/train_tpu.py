@@ -41,7 +41,7 @@ from jax.sharding import PartitionSpec as P
 # Runs from a checkout without installing the package.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from shardattn.flax import LightningAttention  # noqa: E402
+from shardattn.flax import LightningAttention, SoftmaxAttention  # noqa: E402
 from shardattn.lightning import resolve_implementations  # noqa: E402
 
 VOCAB = 256  # bytes
@@ -146,47 +146,6 @@ def global_batch(data: np.ndarray, batch: int, seq_len: int, seed: int, step: in
 # Model
 
 
-def rotary(x, positions, base: float = 10000.0):
-    """Rotary position embedding of x [B, T, H, D] (D even) at integer `positions` [T]."""
-    half = x.shape[-1] // 2
-    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-    angle = positions.astype(jnp.float32)[:, None] * freq  # [T, half]
-    cos, sin = jnp.cos(angle)[:, None, :], jnp.sin(angle)[:, None, :]
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
-
-
-class SoftmaxAttention(nnx.Module):
-    """Causal softmax attention with rotary positions: x [B, T, d_model] -> [B, T, d_model].
-
-    Lightning layers know order through their decay; softmax layers need positions, hence RoPE (as in
-    MiniMax-01's softmax layers).
-    """
-
-    def __init__(self, d_model: int, num_heads: int, *, mesh, dtype, rngs: nnx.Rngs):
-        if d_model % num_heads or (d_model // num_heads) % 2:
-            raise ValueError(f"d_model={d_model} // heads={num_heads} must be an even integer (RoPE)")
-        self.num_heads, self.head_dim, self.mesh = num_heads, d_model // num_heads, mesh
-        linear = lambda: nnx.Linear(d_model, d_model, use_bias=False, dtype=dtype, rngs=rngs)
-        self.q_proj, self.k_proj, self.v_proj, self.out_proj = linear(), linear(), linear(), linear()
-
-    def __call__(self, x):
-        B, T, _ = x.shape
-        split = lambda y: y.reshape(B, T, self.num_heads, self.head_dim)
-        positions = jnp.arange(T)
-        q = rotary(split(self.q_proj(x)), positions)
-        k = rotary(split(self.k_proj(x)), positions)
-        v = split(self.v_proj(x))
-        if self.mesh is not None:
-            # Every query shard needs the keys and values of all earlier tokens: gather K/V over "seq"
-            # (the all-gather strategy), keep batch and heads sharded. Queries stay sequence-sharded.
-            gathered = NamedSharding(self.mesh, P("data", None, "heads", None))
-            k = jax.lax.with_sharding_constraint(k, gathered)
-            v = jax.lax.with_sharding_constraint(v, gathered)
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)
-        return self.out_proj(o.reshape(B, T, self.num_heads * self.head_dim))
-
-
 class SwiGLU(nnx.Module):
     def __init__(self, d_model: int, hidden: int, *, dtype, rngs: nnx.Rngs):
         linear = lambda n_in, n_out: nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, rngs=rngs)
@@ -205,7 +164,10 @@ class Block(nnx.Module):
         self.attn_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         if cfg.is_softmax(layer_idx):
-            self.attn = SoftmaxAttention(cfg.d_model, cfg.heads, mesh=mesh, dtype=dtype, rngs=rngs)
+            # Causal softmax attention with rotary positions (lightning layers know order through their
+            # decay; softmax layers need positions, as in MiniMax-01). Under the jitted step, XLA
+            # partitions it over the mesh (mesh=None: shardattn's sharded softmax attention comes later).
+            self.attn = SoftmaxAttention(cfg.d_model, cfg.heads, causal=True, dtype=dtype, rngs=rngs)
         else:
             # The decay preset takes the layer's index among all layers, as MiniMax-01 does: deeper
             # layers decay more slowly and so see further back.

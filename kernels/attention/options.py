@@ -35,16 +35,16 @@ def allowed(q_positions, kv_positions, q_segment_ids, kv_segment_ids, options: A
     """Boolean mask [..., T, S] from q_positions [..., T], kv_positions [..., S] (and segment ids, same).
 
     The leading dims broadcast (e.g. [B] against [B]); works on blocks as well as on whole sequences.
-    Returns None-free: all True when nothing masks.
+    All True when nothing masks.
     """
-    qp = q_positions[..., :, None]
-    kp = kv_positions[..., None, :]
-    mask = jnp.ones(jnp.broadcast_shapes(qp.shape, kp.shape), bool)
+    # Compared as the offset kv_pos - q_pos, so that a window as wide as int32 allows cannot overflow.
+    offset = kv_positions[..., None, :] - q_positions[..., :, None]
+    mask = jnp.ones(offset.shape, bool)
     if options.causal:
-        mask &= qp >= kp
+        mask &= offset <= 0
     if options.window is not None:
         left, right = options.window
-        mask &= (kp >= qp - left) & (kp <= qp + right)
+        mask &= (offset >= -left) & (offset <= right)
     if q_segment_ids is not None:
         mask &= q_segment_ids[..., :, None] == kv_segment_ids[..., None, :]
     return mask

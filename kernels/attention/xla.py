@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from shardattn.kernels.attention import dropout
 from shardattn.kernels.attention.options import MASK_VALUE, AttentionOptions, allowed
+from shardattn.kernels.lightning.varying import match_varying
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -43,6 +44,11 @@ class BlockSizes:
     def __post_init__(self):
         if self.block_q < 1 or self.block_k < 1:
             raise ValueError(f"block sizes must be positive, got {self}")
+
+
+# Used when a call passes block_sizes=None (every call through flash_attention). Not tuned on a GPU yet:
+# benchmarks/attention.py --xla-blocks times alternatives by replacing it.
+DEFAULT_BLOCK_SIZES = BlockSizes()
 
 
 def _precision(dtype):
@@ -77,7 +83,8 @@ class _Layout:
     nk: int
 
 
-def _layout(q, k, block_sizes: BlockSizes) -> _Layout:
+def _layout(q, k, block_sizes: BlockSizes | None) -> _Layout:
+    block_sizes = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
     B, T, H, _ = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     bq, bk = _block(T, block_sizes.block_q), _block(S, block_sizes.block_k)
@@ -114,12 +121,14 @@ def _ranges(q_pos, q_valid, kv_pos, kv_valid, q_seg, kv_seg, options, L: _Layout
     qmin, qmax = extent(q_pos, q_valid, L.nq, L.bq)
     kmin, kmax = extent(kv_pos, kv_valid, L.nk, L.bk)
     qmin, qmax, kmin, kmax = qmin[:, None], qmax[:, None], kmin[None, :], kmax[None, :]
+    # The offsets kv_pos - q_pos of a block pair span [kmin - qmax, kmax - qmin].
+    lowest, highest = kmin - qmax, kmax - qmin
     need = jnp.ones((L.nq, L.nk), bool)
     if options.causal:
-        need &= kmin <= qmax
+        need &= lowest <= 0
     if options.window is not None:
         left, right = options.window
-        need &= (kmax >= qmin - left) & (kmin <= qmax + right)
+        need &= (highest >= -left) & (lowest <= right)
     if q_seg is not None:
         smin, smax = extent(q_seg, q_valid, L.nq, L.bq)
         tmin, tmax = extent(kv_seg, kv_valid, L.nk, L.bk)
@@ -199,6 +208,7 @@ def _block_logits(qb, kb, bias_blk, mask, options):
     if options.soft_cap is not None:
         t = jnp.tanh(s / options.soft_cap)
         s = options.soft_cap * t
+        t = jnp.where(mask, t, 0.0)  # NaN there (from a NaN key) must not reach dS * (1 - t^2)
     if bias_blk is not None:
         s = s + bias_blk
     return jnp.where(mask, s, MASK_VALUE), t
@@ -229,6 +239,19 @@ def _dropout_setup(dropout_rng, dropout_offsets, options):
     return dropout.seed_words(dropout_rng), jnp.asarray(q_off, jnp.int32), jnp.asarray(kv_off, jnp.int32)
 
 
+def _zero_like_inputs(*arrays):
+    """A float32 zero that, under shard_map with varying-axes checking, varies like every given array.
+
+    Loop carries start from it (jnp.zeros alone would be typed as not varying and fail the loop's type
+    check inside a ring over sequence shards); zeros_like carries no NaN from its argument.
+    """
+    zero = jnp.zeros((), jnp.float32)
+    for x in arrays:
+        if x is not None:
+            zero = zero + jnp.zeros_like(x.reshape(-1)[0], dtype=jnp.float32)
+    return zero
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 
@@ -246,7 +269,7 @@ def forward(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
 ):
     """Values only: (o [B, T, H, Dv] in q.dtype, lse [B, H, T] float32). See reference.py."""
     L = _layout(q, k, block_sizes)
@@ -256,6 +279,8 @@ def forward(
     )
     seed, q_off, kv_off = _dropout_setup(dropout_rng, dropout_offsets, options)
     f32 = jnp.float32
+    zero = _zero_like_inputs(q, k, v, bias, sinks, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                             *(() if seed is None else (seed[0], q_off, kv_off)))  # fmt: skip
 
     def query_block(_, blk):
         i = blk["i"]
@@ -283,7 +308,8 @@ def forward(
             return m_new, den, alpha[..., None] * acc + pv
 
         shape = (L.B, L.Hkv, L.G, L.bq)
-        state = (jnp.full(shape, MASK_VALUE, f32), jnp.zeros(shape, f32), jnp.zeros(shape + (Dv,), f32))
+        state = (jnp.full(shape, MASK_VALUE, f32) + zero, jnp.zeros(shape, f32) + zero,
+                 jnp.zeros(shape + (Dv,), f32) + zero)  # fmt: skip
         m, den, acc = jax.lax.fori_loop(blk["lo"], blk["hi"], key_step, state)
         if sinks is not None:  # sinks join the denominator with no value
             sk = sinks.astype(f32).reshape(1, L.Hkv, L.G, 1, -1)
@@ -325,9 +351,14 @@ def backward(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
+    grad_dtype=None,
 ):
-    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py."""
+    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py.
+
+    grad_dtype: None gives each gradient in its input's dtype; jnp.float32 keeps the float32
+    accumulators (for a caller that sums partial gradients, e.g. over the steps of a ring).
+    """
     L = _layout(q, k, block_sizes)
     B, T, H, Dk = q.shape
     Dv = v.shape[-1]
@@ -392,27 +423,33 @@ def backward(
 
             return dq, add(dk_acc, dk_blk), add(dv_acc, dv_blk), dbias_acc
 
-        dq0 = jnp.zeros(qb.shape, f32)
+        dq0 = jnp.zeros(qb.shape, f32) + zero
         dq, *carry = jax.lax.fori_loop(blk["lo"], blk["hi"], key_step, (dq0, *carry))
         return tuple(carry), dq
 
     Sp = L.nk * L.bk
-    dbias0 = None if bias is None else jnp.zeros(keys["bias"].shape, f32)
-    carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32), jnp.zeros((B, Sp, L.Hkv, Dv), f32), dbias0)
+    seeds = () if seed is None else (seed[0], q_off, kv_off)
+    zero = _zero_like_inputs(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_ids,
+                             q_positions, kv_positions, *seeds)  # fmt: skip
+    dbias0 = None if bias is None else jnp.zeros(keys["bias"].shape, f32) + zero
+    carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32) + zero, jnp.zeros((B, Sp, L.Hkv, Dv), f32) + zero, dbias0)
     (dk, dv, dbias), dq = jax.lax.scan(query_block, carry, blocks)
 
-    dq = _rows_back(dq, L).reshape(B, T, H, Dk).astype(q.dtype)
-    dk = dk[:, : L.S].astype(k.dtype)
-    dv = dv[:, : L.S].astype(v.dtype)
+    def out(x, like):
+        return x.astype(like.dtype if grad_dtype is None else grad_dtype)
+
+    dq = out(_rows_back(dq, L).reshape(B, T, H, Dk), q)
+    dk = out(dk[:, : L.S], k)
+    dv = out(dv[:, : L.S], v)
     if bias is not None:
         dbias = dbias.reshape(dbias.shape[0], -1, dbias.shape[3], dbias.shape[4])[:, :, :T, : L.S]
-        dbias = dbias.astype(bias.dtype)
+        dbias = out(dbias, bias)
     dsinks = None
     if sinks is not None:  # d lse_i / d sink = exp(sink - lse_i); d o_i / d sink = -exp(sink - lse_i) o_i
         w = jnp.where(
             lse[..., None] == -jnp.inf, 0.0, jnp.exp(sinks.astype(f32)[None, :, None] - lse[..., None])
         )
-        dsinks = -jnp.sum(w * row_term[..., None], axis=(0, 2)).astype(sinks.dtype)
+        dsinks = out(-jnp.sum(w * row_term[..., None], axis=(0, 2)), sinks)
     return dq, dk, dv, dbias, dsinks
 
 
@@ -473,8 +510,15 @@ def attention(
     dropout_rng=None,
     dropout_offsets=None,
     options: AttentionOptions,
-    block_sizes: BlockSizes = BlockSizes(),
+    block_sizes: BlockSizes | None = None,
 ):
     """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py."""
     ints = (q_segment_ids, kv_segment_ids, q_positions, kv_positions, dropout_offsets)
+    # Inside shard_map, a replicated input (sinks, a shared bias) gets a per-shard cotangent from the
+    # backward: cast it to vary like the rest, so that autodiff of the cast sums those (a psum).
+    # Outside shard_map this is a no-op.
+    diff = [x for x in (q, k, v, bias, sinks) if x is not None]
+    q, k, v = (match_varying(x, *diff) for x in (q, k, v))
+    bias = None if bias is None else match_varying(bias, *diff)
+    sinks = None if sinks is None else match_varying(sinks, *diff)
     return _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
