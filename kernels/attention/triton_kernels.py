@@ -218,7 +218,9 @@ def fwd_kernel(
     # grid (NQ, B * H): one program per (query block, batch, query head).
     # ranges: [B, NQ, 4] int32 (lo, flo, fhi, hi) key blocks; drop: [5] uint32 (s0, s1, threshold,
     # q_offset, kv_offset) with DROPOUT.
-    i = tl.program_id(0)
+    # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
+    # starting them first shortens the tail of the grid.
+    i = NQ - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -542,7 +544,9 @@ def dq_kernel(
     DROP_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # grid (NQ, B * H), the forward's: one program per (query block, batch, query head).
-    i = tl.program_id(0)
+    # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
+    # starting them first shortens the tail of the grid.
+    i = NQ - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
