@@ -206,5 +206,13 @@ def test_backward_uses_the_given_lse_and_o():
     ]
     tol = 2 * tolerance(jnp.float32)
     assert_close("dq", parts[0][0] + parts[1][0], whole[0], tol)
+    # grad_dtype=float32 (a ring's partial sums) on float16 inputs: float32 gradients, same values
+    half = [x.astype(jnp.float16) for x in (q, k, v, o, do)]
+    g16 = triton_attn.backward(*half[:4], lse, half[4], q_positions=qp, kv_positions=kp, **kw)
+    g32 = triton_attn.backward(*half[:4], lse, half[4], q_positions=qp, kv_positions=kp, **kw,
+                               grad_dtype=jnp.float32)  # fmt: skip
+    assert [g.dtype for g in g16[:3]] == [jnp.float16] * 3 and [g.dtype for g in g32[:3]] == [jnp.float32] * 3
+    for name, a, b in zip(("dq", "dk", "dv"), g32[:3], g16[:3], strict=True):
+        assert_close(name, b, a, 1e-3)  # float16 rounding of the same float32 sums
     assert_close("dk", jnp.concatenate([parts[0][1], parts[1][1]], axis=1), whole[1], tol)
     assert_close("dv", jnp.concatenate([parts[0][2], parts[1][2]], axis=1), whole[2], tol)

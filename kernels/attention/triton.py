@@ -344,7 +344,7 @@ def forward(
 
 def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_ids, q_positions,
               kv_positions, dropout_rng, dropout_offsets, options: AttentionOptions,
-              blocks: BlockSizes):  # fmt: skip
+              blocks: BlockSizes, grad_dtype=None):  # fmt: skip
     B, T, H, Dk = q.shape
     S = k.shape[1]
     Hkv = k.shape[2]
@@ -356,6 +356,10 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, bias, dropout_rng, dropout_offsets, options
     )
     meta = _constexprs(q, k, v, bias, sinks, q_segment_ids, options)
+
+    def out(like):  # the dtype of a gradient: its input's, or grad_dtype
+        return like.dtype if grad_dtype is None else grad_dtype
+
     common = (q, k, v, do, lse, row_term, qpos, kvpos, qseg, kvseg, bias_arg, drop)
 
     # dk, dv: one program per key block; ranges are query blocks per key block.
@@ -365,7 +369,7 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
     ranges = block_ranges(jnp.swapaxes(need, 1, 2), jnp.swapaxes(full, 1, 2))
     dk, dv = _launch(
         "dkdv_kernel", (nk, B * Hkv), common + (ranges,),
-        (jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)),
+        (jax.ShapeDtypeStruct(k.shape, out(k)), jax.ShapeDtypeStruct(v.shape, out(v))),
         num_warps=blocks.dkdv_warps, num_stages=blocks.dkdv_stages, BQ=bq, BK=bk, NK=nk, **meta,
     )  # fmt: skip
 
@@ -376,7 +380,7 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
     ds_shape = (B, H, T, S) if bias is not None else (1,)
     dq, ds = _launch(
         "dq_kernel", (nq, B * H), common + (ranges,),
-        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(ds_shape, f32)),
+        (jax.ShapeDtypeStruct(q.shape, out(q)), jax.ShapeDtypeStruct(ds_shape, f32)),
         num_warps=blocks.dq_warps, num_stages=blocks.dq_stages,
         zeroed_outputs=(1,) if bias is not None else (), BQ=bq, BK=bk, NQ=nq, **meta,
     )  # fmt: skip
@@ -387,13 +391,13 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
             ds = jnp.sum(ds, axis=0, keepdims=True)
         if bias.shape[1] == 1:
             ds = jnp.sum(ds, axis=1, keepdims=True)
-        dbias = ds.astype(bias.dtype)
+        dbias = ds.astype(out(bias))
     dsinks = None
     if sinks is not None:  # d lse_i / d sink = exp(sink - lse_i); d o_i / d sink = -exp(sink - lse_i) o_i
         w = jnp.where(
             lse[..., None] == -jnp.inf, 0.0, jnp.exp(sinks.astype(f32)[None, :, None] - lse[..., None])
         )
-        dsinks = -jnp.sum(w * row_term[..., None], axis=(0, 2)).astype(sinks.dtype)
+        dsinks = -jnp.sum(w * row_term[..., None], axis=(0, 2)).astype(out(sinks))
     return dq, dk, dv, dbias, dsinks
 
 
@@ -416,13 +420,18 @@ def backward(
     dropout_offsets=None,
     options: AttentionOptions,
     block_sizes: BlockSizes | None = None,
+    grad_dtype=None,
 ):
-    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py."""
+    """(dq, dk, dv, dbias, dsinks) for the keys given, from the (global) o and lse. See reference.py.
+
+    grad_dtype: None gives each gradient in its input's dtype; jnp.float32 keeps the kernels' float32
+    sums (for a caller that adds partial gradients, e.g. over the steps of a ring).
+    """
     _check_platform()
     _check_call(q, k, v, bias)
     return _backward(q, k, v, o, lse, do.astype(q.dtype), dlse, bias, sinks, q_segment_ids, kv_segment_ids,
                      q_positions, kv_positions, dropout_rng, dropout_offsets, options,
-                     _resolve(q, v, block_sizes))  # fmt: skip
+                     _resolve(q, v, block_sizes), grad_dtype)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------- custom_vjp
