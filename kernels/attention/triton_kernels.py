@@ -121,15 +121,18 @@ def _allowed(
 
 @triton.jit
 def _logits(qk, bias, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, HAS_BIAS: tl.constexpr):
-    # (s2, t): base-2 logits before masking and tanh(s / c) (for the soft cap's derivative; s if no cap).
-    s = qk * SCALE
-    t = s
+    # (s2, t): base-2 logits before masking and tanh(s / c) (for the soft cap's derivative; qk if no cap).
     if SOFT_CAP > 0:
-        t = _tanh(s * (1.0 / SOFT_CAP))
+        t = _tanh(qk * (SCALE / SOFT_CAP))
         s = SOFT_CAP * t
+    else:
+        t = qk
+        s = qk * SCALE
     if HAS_BIAS:
-        s = s + bias
-    return s * LOG2E, t
+        return (s + bias) * LOG2E, t
+    if SOFT_CAP > 0:
+        return s * LOG2E, t
+    return qk * (SCALE * LOG2E), t  # one multiply per logit on the plain path
 
 
 # ---------------------------------------------------------------------------------------------- forward
