@@ -34,7 +34,8 @@ def compile_kernel(name, dtype, d, blocks, features, T=8192):
     bq, bk = getattr(blocks, prefix + "_q"), getattr(blocks, prefix + "_k")
     meta = dict(
         T=T, S=T, H=16, HKV=4 if "gqa" in f else 16, DK=d, DV=d, BD=d, BDV=d, BQ=bq, BK=bk, SCALE=d**-0.5,
-        SOFT_CAP=30.0 if "cap" in f else 0.0, CAUSAL="causal" in f, WINDOW="window" in f, LEFT=4096, RIGHT=0,
+        SOFT_CAP=30.0 if "cap" in f else 0.0, FAST_TANH=dtype != "fp32" and blocks.fast_tanh,
+        CAUSAL="causal" in f, WINDOW="window" in f, LEFT=4096, RIGHT=0,
         HAS_SEG="seg" in f, HAS_BIAS="bias" in f, BIAS_SB=0, BIAS_SH=T * T if "bias" in f else 0,
         DROPOUT="drop" in f, DROP_SCALE=1.25, IEEE=dtype == "fp32",
     )  # fmt: skip

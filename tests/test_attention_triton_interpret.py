@@ -73,6 +73,7 @@ def _to_numpy(t, dtype):
 
 def _interpret_launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, zeroed_outputs=(), **meta):
     kernel = getattr(_interpreted(), name)
+    meta = dict(meta, FAST_TANH=False)  # tanh.approx.f32 is PTX (inline asm): not in the interpreter
 
     def host(*arrays):
         args = [_to_torch(a) for a in arrays]

@@ -46,7 +46,8 @@ class BlockSizes:
 
     fwd_*: forward (query block x key block); dkdv_*: the dk/dv kernel (query block walked x key block
     owned); dq_*: the dq kernel (query block owned x key block walked). Sequences shorter than a block
-    use one block of the next power of two (>= 16).
+    use one block of the next power of two (>= 16). fast_tanh: the soft cap's tanh as one approximate
+    instruction (relative error ~2^-11) for bf16/fp16 inputs.
     """
 
     fwd_q: int = 128
@@ -61,6 +62,7 @@ class BlockSizes:
     dq_k: int = 32
     dq_warps: int = 8
     dq_stages: int = 3
+    fast_tanh: bool = True  # soft cap: tanh.approx.f32 for bf16/fp16 inputs (float32 always exact)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -242,7 +244,7 @@ def _check_call(q, k, v, bias):
 # ---------------------------------------------------------------------------------- shared arguments
 
 
-def _constexprs(q, k, v, bias, sinks, q_segment_ids, options: AttentionOptions):
+def _constexprs(q, k, v, bias, sinks, q_segment_ids, options: AttentionOptions, blocks: BlockSizes):
     """Static kernel parameters shared by the three kernels."""
     B, T, H, Dk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
@@ -252,9 +254,11 @@ def _constexprs(q, k, v, bias, sinks, q_segment_ids, options: AttentionOptions):
         bias_sh = T * S if bias.shape[1] > 1 else 0
         bias_sb = bias.shape[1] * T * S if bias.shape[0] > 1 else 0
     rate = options.dropout_rate
+    # The soft cap's tanh: one approximate instruction for bf16/fp16 inputs, the exact form for float32.
+    fast_tanh = bool(blocks.fast_tanh) and jnp.dtype(q.dtype) != jnp.float32
     return dict(
         T=T, S=S, H=H, HKV=Hkv, DK=Dk, DV=Dv, BD=_pow2(Dk), BDV=_pow2(Dv), SCALE=float(options.scale),
-        SOFT_CAP=float(options.soft_cap or 0.0), CAUSAL=bool(options.causal),
+        SOFT_CAP=float(options.soft_cap or 0.0), FAST_TANH=fast_tanh, CAUSAL=bool(options.causal),
         WINDOW=options.window is not None, LEFT=int(left), RIGHT=int(right),
         HAS_SEG=q_segment_ids is not None, HAS_BIAS=bias is not None, BIAS_SB=bias_sb, BIAS_SH=bias_sh,
         DROPOUT=rate > 0, DROP_SCALE=float(1.0 / (1.0 - rate)), IEEE=jnp.dtype(q.dtype) == jnp.float32,
@@ -308,7 +312,7 @@ def _forward(q, k, v, bias, sinks, q_segment_ids, kv_segment_ids, q_positions, k
         (q, k, v, qpos, kvpos, qseg, kvseg, bias_arg, sinks_arg, drop, ranges),
         (jax.ShapeDtypeStruct((B, T, H, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
         num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, BQ=bq, BK=bk, NQ=nq, NSINK=nsink,
-        BSINK=_pow2(max(nsink, 1)), **_constexprs(q, k, v, bias, sinks, q_segment_ids, options),
+        BSINK=_pow2(max(nsink, 1)), **_constexprs(q, k, v, bias, sinks, q_segment_ids, options, blocks),
     )  # fmt: skip
     return o, lse
 
@@ -355,7 +359,7 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
     qpos, kvpos, qseg, kvseg, bias_arg, drop = _side_inputs(
         q_segment_ids, kv_segment_ids, q_positions, kv_positions, bias, dropout_rng, dropout_offsets, options
     )
-    meta = _constexprs(q, k, v, bias, sinks, q_segment_ids, options)
+    meta = _constexprs(q, k, v, bias, sinks, q_segment_ids, options, blocks)
 
     def out(like):  # the dtype of a gradient: its input's, or grad_dtype
         return like.dtype if grad_dtype is None else grad_dtype
