@@ -112,8 +112,9 @@ def test_dropout_equals_reference_mask(dtype):
                             dropout_offsets=(jnp.int32(1000), jnp.int32(77)), options=options)  # fmt: skip
 
 
+@pytest.mark.parametrize("soft_cap", [None, 4.0], ids=["no-cap", "soft-cap"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
-def test_empty_rows_and_nan_at_unseen_keys(dtype):
+def test_empty_rows_and_nan_at_unseen_keys(dtype, soft_cap):
     B, T, S, H, D = 1, 300, 384, 4, 64
     q, k, v = inputs(B, T, S, H, 2, D, D, dtype, seed=5)
     q_seg = np.zeros((B, T), np.int32)
@@ -123,7 +124,7 @@ def test_empty_rows_and_nan_at_unseen_keys(dtype):
     k = k.at[:, 290:].set(jnp.nan)
     v = v.at[:, 290:].set(jnp.nan)
     qp, kp = positions(B, T, S)
-    options = AttentionOptions(scale=D**-0.5, causal=True)
+    options = AttentionOptions(scale=D**-0.5, causal=True, soft_cap=soft_cap)  # tanh(NaN) must not leak
     kw = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), q_positions=qp,
               kv_positions=kp)  # fmt: skip
     fn = functools.partial(triton_attn.attention, options=options)

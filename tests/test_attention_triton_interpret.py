@@ -148,7 +148,14 @@ def test_empty_rows_and_nan_at_unseen_keys():
     v = v.at[:, 36:].set(jnp.nan)
     qp, kp = positions(B, T, S)
     sinks = None
-    options = AttentionOptions(scale=0.25, causal=True)
+    for options in (
+        AttentionOptions(scale=0.25, causal=True),
+        AttentionOptions(scale=0.25, causal=True, soft_cap=4.0),
+    ):
+        _check_empty_and_nan(q, k, v, q_seg, kv_seg, qp, kp, sinks, options)
+
+
+def _check_empty_and_nan(q, k, v, q_seg, kv_seg, qp, kp, sinks, options):
     kw = dict(q_segment_ids=jnp.asarray(q_seg), kv_segment_ids=jnp.asarray(kv_seg), q_positions=qp,
               kv_positions=kp)  # fmt: skip
     fn = functools.partial(triton_attn.attention, options=options, block_sizes=SMALL)
@@ -166,7 +173,7 @@ def test_empty_rows_and_nan_at_unseen_keys():
         assert_close(name, g, rg, 2 * tol)
 
 
-def test_more_queries_than_keys_and_unsortedpositions():
+def test_more_queries_than_keys_and_unsorted_positions():
     """T > S with end-aligned positions (early rows see nothing), then shuffled positions with a window."""
     B, T, S = 1, 56, 40
     q, k, v = inputs(B, T, S, 2, 2, 16, 16, jnp.float32, seed=5)

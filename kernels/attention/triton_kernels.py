@@ -378,10 +378,10 @@ def _dkdv_blocks(
             dp = tl.where(keep, dp * DROP_SCALE, 0.0)
         dv += _dot(pz.to(do.dtype), do, IEEE)
         ds = p * (dp - delta[None, :])
-        if MASKED:  # dp is NaN where v is; such keys are masked for every row here
-            ds = tl.where(allowed, ds, 0.0)
         if SOFT_CAP > 0:
             ds = ds * (1.0 - t * t)
+        if MASKED:  # dp and t are NaN where v and k are; such keys are masked for every row here
+            ds = tl.where(allowed, ds, 0.0)
         dk += _dot(ds.to(q.dtype), q, IEEE)
     return dk, dv
 
@@ -538,7 +538,7 @@ def _dq_blocks(
             keep = _keep(rowh[:, None], _key_hash(drop_ptr, offs_k)[None, :], drop_ptr)
             dp = tl.where(keep, dp * DROP_SCALE, 0.0)
         ds = p * (dp - delta[:, None])
-        if MASKED:
+        if MASKED:  # dp is NaN where v is
             ds = tl.where(allowed, ds, 0.0)
         if HAS_BIAS:  # dS of this (b, h) pair block; summed over broadcast dims in JAX
             tl.store(
@@ -546,6 +546,8 @@ def _dq_blocks(
             )
         if SOFT_CAP > 0:
             ds = ds * (1.0 - t * t)
+            if MASKED:  # t is NaN where k is: select again, never multiply a masked 0 by it
+                ds = tl.where(allowed, ds, 0.0)
         dq += _dot(ds.to(k.dtype), k, IEEE)
     return dq
 
