@@ -17,7 +17,7 @@ from shardattn.kernels.attention import BACKENDS, get_backend
 from shardattn.kernels.attention.options import AttentionOptions
 
 # Backends tried, in order, when implementation=None, by jax.default_backend(); ("xla",) elsewhere.
-DEFAULT_IMPLEMENTATIONS = {"gpu": ("cudnn", "xla")}
+DEFAULT_IMPLEMENTATIONS = {"gpu": ("cudnn", "triton", "xla")}
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 
@@ -310,8 +310,8 @@ def flash_attention(
       attention within equal ids; cu_seqlens_q/k [N + 1] (batch 1): packed sequences, each with its own
       end-aligned positions.
     - dropout_rate with dropout_rng: dropout on the probabilities (deterministic for a given rng).
-    - implementation: None (GPU: ("cudnn", "xla"), else ("xla",)), a name or a sequence, tried in order;
-      a backend that cannot serve the call raises NotImplementedError and the next is tried.
+    - implementation: None (GPU: ("cudnn", "triton", "xla"), else ("xla",)), a name or a sequence, tried
+      in order; a backend that cannot serve the call raises NotImplementedError and the next is tried.
     Rows with nothing to attend to give o = 0 and zero gradients.
 
     >>> o = flash_attention(q, k, v, causal=True, sliding_window=4096)

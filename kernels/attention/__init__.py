@@ -7,7 +7,7 @@ until it is asked for.
 import importlib
 
 # backend name -> module in this folder
-BACKENDS = {"reference": "reference", "xla": "xla", "cudnn": "cudnn"}
+BACKENDS = {"reference": "reference", "xla": "xla", "cudnn": "cudnn", "triton": "triton"}
 
 
 def get_backend(name: str, function: str = "attention"):
