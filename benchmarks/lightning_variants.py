@@ -1,0 +1,98 @@
+"""Times copies of the Triton lightning backend against each other in one run (A/B of kernel changes).
+
+    python benchmarks/lightning_variants.py --variant prev=/path/to/old/triton.py --out results.json
+
+Each `--variant NAME=FILE` is a copy of kernels/lightning/triton.py (e.g. `git show REV:kernels/lightning/
+triton.py > old.py`), loaded as its own module; `current` is always the installed backend. Every variant
+is timed on the same inputs (forward, forward+backward, wall time of back-to-back jitted calls), with the
+copy bandwidth of the run and each variant's ratio to `current`.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from lightning import LAYER_IDX, NUM_LAYERS, _inputs  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+
+def _load(name, path):
+    spec = importlib.util.spec_from_file_location(f"shardattn.kernels.lightning._variant_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_variant(module, w, warmup, rounds, inner):
+    import jax
+    import jax.numpy as jnp
+    from timing import time_call
+
+    import shardattn
+
+    q, k, v, do = _inputs(w)
+    slopes = jnp.asarray(shardattn.decay_slopes(w.H, LAYER_IDX, NUM_LAYERS))
+    scale = w.D**-0.5
+
+    def attn(q, k, v):
+        return module.lightning_attention(q, k, v, slopes, scale=scale)[0]
+
+    def fwd_bwd(q, k, v, do):
+        o, pullback = jax.vjp(attn, q, k, v)
+        return pullback(do)
+
+    fwd = time_call(jax.jit(attn), q, k, v, warmup=warmup, repeats=rounds, inner=inner)
+    both = time_call(jax.jit(fwd_bwd), q, k, v, do, warmup=warmup, repeats=rounds, inner=inner)
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", action="append", default=[], help="NAME=FILE (a copy of triton.py)")
+    p.add_argument("--workloads", default="b4-t8k-h16-d128,b1-t32k-h16-d128,b8-t4k-h32-d64")
+    p.add_argument("--out", default=None)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--inner", type=int, default=5)
+    args = p.parse_args(argv)
+
+    import jax
+    from timing import copy_bandwidth_gbs, environment
+
+    from shardattn.kernels.lightning import triton as current
+
+    variants = {"current": current}
+    for item in args.variant:
+        name, path = item.split("=", 1)
+        variants[name] = _load(name, path)
+    bw = copy_bandwidth_gbs()
+    print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw:.0f} GB/s", flush=True)
+    rows = []
+    for wname in [n for n in args.workloads.split(",") if n]:
+        w = WORKLOADS[wname]
+        floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
+        for vname, module in variants.items():
+            r = time_variant(module, w, args.warmup, args.rounds, args.inner)
+            rows.append(dict(workload=wname, variant=vname, floor_fwd_ms=floor, **r))
+            print(f"  {wname:18s} {vname:10s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms",
+                  flush=True)
+    print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw:.0f} GB/s; ratios to 'current'")
+    cur = {r["workload"]: r for r in rows if r["variant"] == "current"}
+    for r in rows:
+        c = cur[r["workload"]]
+        print(f"{r['workload']:18s} {r['variant']:10s} "
+              f"fwd {r['fwd_ms']:.3f} ({r['fwd_ms'] / c['fwd_ms']:.2f}x)"
+              f"  fwd+bwd {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_ms'] / c['fwd_bwd_ms']:.2f}x)"
+              f"  fwd/floor {r['fwd_ms'] / r['floor_fwd_ms']:.2f}")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({**environment(), "copy_bandwidth_gbs": bw, "variants": list(variants),
+                       "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
