@@ -30,17 +30,22 @@ def sharded(q, k, v, slopes, cu_seqlens=None, initial_state=None):
     )  # fmt: skip
 
 
-def primitives(jaxpr):
-    """Names of every primitive in a closed jaxpr, nested jaxprs (jit, shard_map, custom_vjp) included."""
-    names = set()
+def primitive_counts(jaxpr, counts=None):
+    """How often each primitive occurs in a jaxpr, nested jaxprs (jit, shard_map, custom_vjp) included."""
+    counts = {} if counts is None else counts
     for eqn in jaxpr.eqns:
-        names.add(eqn.primitive.name)
+        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
         for param in eqn.params.values():
             for sub in param if isinstance(param, (tuple, list)) else (param,):
                 inner = getattr(sub, "jaxpr", sub)
                 if hasattr(inner, "eqns"):
-                    names |= primitives(inner)
-    return names
+                    primitive_counts(inner, counts)
+    return counts
+
+
+def primitives(jaxpr):
+    """Names of every primitive in a jaxpr, nested jaxprs included."""
+    return set(primitive_counts(jaxpr))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -86,17 +91,20 @@ def test_debug_checks_off_adds_nothing():
             X["q"], X["k"], X["v"], slopes, cu_seqlens, initial_state=jnp.zeros((2, 2, 8, 8))
         )
 
-    off = primitives(jax.make_jaxpr(function())(X["slopes"], GOOD_CU).jaxpr)
+    off = primitive_counts(jax.make_jaxpr(function())(X["slopes"], GOOD_CU).jaxpr)
     shardattn.debug_checks(True)  # the call form sets the mode until changed again
     try:
-        on = primitives(jax.make_jaxpr(function())(X["slopes"], GOOD_CU).jaxpr)
+        on = primitive_counts(jax.make_jaxpr(function())(X["slopes"], GOOD_CU).jaxpr)
         # Under the mode, JAX refuses an unfunctionalised check under jit (nothing is skipped silently).
         with pytest.raises(ValueError, match="functionalized"):
             jax.jit(function())(X["slopes"], GOOD_CU)
     finally:
         shardattn.debug_checks(False)
-    # Off, not even the predicates are traced (nothing else here reduces with `and` or tests finiteness).
-    assert {"check", "is_finite", "reduce_and"} <= on and not {"check", "is_finite", "reduce_and"} & off
+    # Off, not even the predicates are traced: no check, and none of the predicates' is_finite and
+    # reduce_and (the backend's own non-finite handling has is_finite ops of its own, in both traces).
+    assert on.get("check", 0) > 0 and off.get("check", 0) == 0
+    for name in ("is_finite", "reduce_and"):
+        assert on.get(name, 0) > off.get(name, 0), (name, on.get(name), off.get(name))
     # Concrete values are always checked, debug mode or not.
     with pytest.raises(ValueError, match=">= 0"):
         attention(X["q"], X["k"], X["v"], jnp.array([-0.5, 0.1]))
