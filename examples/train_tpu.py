@@ -165,9 +165,13 @@ class Block(nnx.Module):
         self.mlp_norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         if cfg.is_softmax(layer_idx):
             # Causal softmax attention with rotary positions (lightning layers know order through their
-            # decay; softmax layers need positions, as in MiniMax-01). Under the jitted step, XLA
-            # partitions it over the mesh (mesh=None: shardattn's sharded softmax attention comes later).
-            self.attn = SoftmaxAttention(cfg.d_model, cfg.heads, causal=True, dtype=dtype, rngs=rngs)
+            # decay; softmax layers need positions, as in MiniMax-01), sharded like the lightning layers
+            # through shardattn.sharded_attention (strategy "auto": ring, all-gather or Ulysses by shape).
+            # The token order stays contiguous: the lightning recurrence needs it, so the zigzag layout
+            # (causal load balance for softmax alone) would cost a reorder around every softmax layer.
+            self.attn = SoftmaxAttention(
+                cfg.d_model, cfg.heads, causal=True, mesh=mesh, dtype=dtype, rngs=rngs
+            )
         else:
             # The decay preset takes the layer's index among all layers, as MiniMax-01 does: deeper
             # layers decay more slowly and so see further back.

@@ -16,6 +16,7 @@ from shardattn.decay import decay_slopes
 from shardattn.lightning import lightning_attention
 from shardattn.meshes.specs import check_axes_used, resolve_axes
 from shardattn.sharded import SCANS, sharded_lightning
+from shardattn.sharded_attention import LAYOUTS, STRATEGIES, sharded_attention
 
 # learnable_decay: slopes = softplus(p), which is >= 0 for every p but reaches 0 only at p = -inf. A
 # preset slope of 0 (the "transnormer" preset's head 0, which does not decay) starts at this floor
@@ -186,9 +187,11 @@ class SoftmaxAttention(nnx.Module):
     flash_attention; dropout on the probabilities (`dropout_rate`) applies only to calls given a
     `dropout_rng` (leave it out for evaluation).
 
-    `mesh`, `batch_axis`, `seq_axis`, `head_axis` and `strategy` are reserved for the sharded softmax
-    attention (ring / all-gather / ulysses) and raise NotImplementedError until it exists; inside a
-    jitted step over sharded arrays, mesh=None leaves the partitioning to XLA.
+    With `mesh`, the attention runs as `shardattn.sharded_attention` (batch over `batch_axis`, tokens over
+    `seq_axis`, heads over `head_axis`, as in LightningAttention; `strategy` "auto" | "ring" | "allgather" |
+    "ulysses", `layout` "contiguous" | "zigzag": with zigzag, x must already be in zigzag order and
+    `positions` must be the tokens' real positions, e.g. `to_zigzag` of arange(T)); without, as the
+    one-device `flash_attention` (inside a jitted step over sharded arrays XLA then partitions it).
 
     >>> attn = SoftmaxAttention(512, 8, num_kv_heads=2, sinks=True, rngs=nnx.Rngs(0))
     >>> y = attn(x)  # x: [B, T, 512]
@@ -213,6 +216,7 @@ class SoftmaxAttention(nnx.Module):
         seq_axis: str | None = None,
         head_axis: str | None = None,
         strategy: str = "auto",
+        layout: str = "contiguous",
         implementation=None,
         use_bias: bool = False,
         dtype=None,
@@ -227,14 +231,19 @@ class SoftmaxAttention(nnx.Module):
             raise ValueError(f"{num_heads=} must be divisible by {num_kv_heads=}")
         if rope_base is not None and head_dim % 2:
             raise ValueError(f"{head_dim=} must be even for rotary positions (or pass rope_base=None)")
+        if mesh is None and (batch_axis, seq_axis, head_axis) != (None, None, None):
+            raise ValueError("batch_axis / seq_axis / head_axis need a mesh")
         if mesh is not None:
-            raise NotImplementedError(
-                "SoftmaxAttention(mesh=...) needs the sharded softmax attention, which shardattn does not "
-                "have yet; pass mesh=None (XLA then partitions flash_attention inside a jitted step)"
-            )
+            if not isinstance(mesh, jax.sharding.Mesh):
+                raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+            resolve_axes(mesh, batch_axis, seq_axis, head_axis)  # names checked now, not at the first call
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy={strategy!r} must be one of {STRATEGIES}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.mesh, self.batch_axis, self.seq_axis, self.head_axis = mesh, batch_axis, seq_axis, head_axis
-        self.strategy = strategy
+        self.strategy, self.layout = strategy, layout
         self.rope_base = rope_base
         self.dropout_rate = dropout_rate
         self.attention_kwargs = dict(
@@ -254,6 +263,11 @@ class SoftmaxAttention(nnx.Module):
     def __call__(self, x, positions=None, *, segment_ids=None, dropout_rng=None):
         """x: [B, T, d_model], positions: [B, T] or [T] int, segment_ids: [B, T] int -> [B, T, d_model]."""
         B, T, _ = x.shape
+        if self.layout == "zigzag" and positions is None:
+            raise ValueError(
+                "layout='zigzag' needs the tokens' real positions (e.g. meshes.to_zigzag of arange(T)): "
+                "they set the rotary angles and the masks of the reordered tokens"
+            )
         # Default positions go to flash_attention as None, so that a backend sees they are the defaults
         # (cudnn's causal mask is by index).
         if positions is None:
@@ -267,9 +281,16 @@ class SoftmaxAttention(nnx.Module):
         if self.rope_base is not None:
             q, k = rotary(q, positions, self.rope_base), rotary(k, positions, self.rope_base)
         rate = self.dropout_rate if dropout_rng is not None else 0.0
-        o = flash_attention(
-            q, k, v, q_positions=mask_positions, kv_positions=mask_positions, q_segment_ids=segment_ids,
+        kwargs = dict(
+            q_positions=mask_positions, kv_positions=mask_positions, q_segment_ids=segment_ids,
             kv_segment_ids=segment_ids, sinks=None if self.sinks is None else self.sinks[...],
             dropout_rate=rate, dropout_rng=dropout_rng if rate > 0 else None, **self.attention_kwargs,
         )  # fmt: skip
+        if self.mesh is None:
+            o = flash_attention(q, k, v, **kwargs)
+        else:
+            o = sharded_attention(
+                q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, seq_axis=self.seq_axis,
+                head_axis=self.head_axis, strategy=self.strategy, layout=self.layout, **kwargs,
+            )  # fmt: skip
         return self.out_proj(o.reshape(B, T, self.num_heads * self.head_dim))

@@ -771,8 +771,45 @@ def test_flax_softmax_attention_layer():
     assert_close("dW_q", grads.q_proj.kernel[...], g_ref["q"], tolerance(f32, grad=True))
     assert float(jnp.max(jnp.abs(g_ref["sinks"]))) > 1e-3  # the sinks are learnable: they get a gradient
 
-    with pytest.raises(NotImplementedError, match="sharded softmax attention"):
-        SoftmaxAttention(32, 4, mesh=jax.make_mesh((1,), ("seq",)), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("strategy,layout", [("ring", "zigzag"), ("allgather", "contiguous")])
+def test_softmax_layer_on_a_mesh_equals_one_device(strategy, layout):
+    # SoftmaxAttention(mesh=...) runs sharded_attention: same outputs and weight gradients as without a
+    # mesh (8 fake devices: data 2 x seq 4), GQA, sinks, causal; zigzag gets the tokens reordered.
+    pytest.importorskip("flax")
+    from flax import nnx
+
+    from shardattn.flax import SoftmaxAttention
+    from shardattn.meshes import make_mesh, to_zigzag
+
+    mesh = make_mesh(data=2, seq=4)
+    kw = dict(num_kv_heads=2, sinks=True, rngs=nnx.Rngs(3))
+    sharded = SoftmaxAttention(32, 4, mesh=mesh, strategy=strategy, layout=layout, **kw)
+    plain = SoftmaxAttention(32, 4, **{**kw, "rngs": nnx.Rngs(3)})
+    x = jax.random.normal(jax.random.PRNGKey(4), (2, 32, 32))
+    pos = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32), (2, 32))
+
+    def run(layer, x, pos):
+        def loss(layer):
+            y = layer(x, pos)
+            return jnp.sum(y * jnp.cos(y)), y
+
+        return nnx.grad(loss, has_aux=True)(layer)
+
+    g_1, y_1 = run(plain, x, pos)
+    if layout == "zigzag":  # the data in zigzag order; the loss is a sum over tokens, so order-free
+        g_m, y_m = run(sharded, to_zigzag(x, mesh), to_zigzag(pos, mesh))
+        y_m = jnp.asarray(y_m)[:, np.argsort(np.asarray(to_zigzag(jnp.arange(32)[None], mesh))[0])]
+    else:
+        g_m, y_m = run(sharded, x, pos)
+    assert_close("y", y_m, y_1, tolerance(f32))
+    assert_close("dW_q", g_m.q_proj.kernel[...], g_1.q_proj.kernel[...], tolerance(f32, grad=True))
+    assert_close("dsinks", g_m.sinks[...], g_1.sinks[...], tolerance(f32, grad=True))
+    with pytest.raises(ValueError, match="zigzag"):
+        SoftmaxAttention(32, 4, mesh=mesh, layout="zigzag", **{**kw, "rngs": nnx.Rngs(0)})(x)
+    with pytest.raises(ValueError, match="strategy"):
+        SoftmaxAttention(32, 4, mesh=mesh, strategy="bogus", **{**kw, "rngs": nnx.Rngs(0)})
 
 
 def test_rotary_depends_only_on_relative_position():
