@@ -3,7 +3,8 @@
     python tests/multihost_worker.py --out r.npz --coordinator HOST:PORT --num-processes 2 --process-id I
 
 Every process owns 4 fake CPU devices; together they form one 8-device mesh. Each case runs
-sharded_lightning (outputs, final state and every gradient of a random projection) on a global mesh,
+sharded_lightning (outputs, final state and every gradient of a random projection) or sharded_attention
+(outputs and the gradients of q, k, v) on a global mesh,
 gathers the results to every process with multihost_utils.process_allgather, and process 0 saves them.
 The cases and inputs come from `cases()`, which the test also runs in one process on 8 devices.
 """
@@ -73,6 +74,41 @@ def run_case(mesh_shape, kwargs, devices):
     return {"o": o, "state": s, **dict(zip(names, grads, strict=True))}
 
 
+def attention_cases():
+    """(name, mesh shape, sharded_attention keywords) of the softmax runs compared."""
+    return [
+        ("attn-seq4-ring-zigzag", (2, 4, 1), dict(strategy="ring", layout="zigzag", causal=True)),
+        ("attn-seq8-allgather", (1, 8, 1), dict(strategy="allgather", causal=True)),
+    ]
+
+
+def run_attention_case(mesh_shape, kwargs, devices):
+    """o and the gradients of (q, k, v) of sharded_attention (GQA 4/2), as global arrays."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from shardattn.meshes import make_mesh
+    from shardattn.sharded_attention import sharded_attention
+
+    data, seq, heads = mesh_shape
+    mesh = make_mesh(data=data, seq=seq, heads=heads, devices=devices)
+    q, k, v = (np.asarray(x) for x in inputs()[:3])
+    k, v = k[:, :, :2], v[:, :, :2]  # two kv heads: GQA
+    spec = NamedSharding(mesh, P("data", "seq"))
+    args = [jax.make_array_from_callback(x.shape, spec, lambda i, x=x: x[i]) for x in (q, k, v)]
+
+    def loss(q, k, v):
+        o = sharded_attention(q, k, v, mesh=mesh, **kwargs)
+        w = jax.random.normal(jax.random.PRNGKey(9), o.shape, jnp.float32)
+        return jnp.sum(o * w), o
+
+    grads, o = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(*args)
+    return {"o": o, **dict(zip(("dq", "dk", "dv"), grads, strict=True))}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -95,6 +131,10 @@ def main(argv=None):
     results = {}
     for name, mesh_shape, kwargs in cases():
         out = run_case(mesh_shape, kwargs, jax.devices())
+        for key, value in out.items():
+            results[f"{name}/{key}"] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
+    for name, mesh_shape, kwargs in attention_cases():
+        out = run_attention_case(mesh_shape, kwargs, jax.devices())
         for key, value in out.items():
             results[f"{name}/{key}"] = np.asarray(multihost_utils.process_allgather(value, tiled=True))
     if jax.process_index() == 0:

@@ -47,7 +47,7 @@ def test_launcher_stops_everyone_when_one_process_fails(tmp_path):
     assert "process 1 gives up" in outputs[1]
 
 
-def test_sharded_lightning_two_processes_equals_one(tmp_path):
+def test_sharded_lightning_and_attention_two_processes_equal_one(tmp_path):
     out = tmp_path / "results.npz"
     _launch(ROOT / "tests" / "multihost_worker.py", ["--out", str(out)])
     got = np.load(out)
@@ -58,6 +58,12 @@ def test_sharded_lightning_two_processes_equals_one(tmp_path):
             a, e = got[f"{name}/{key}"], np.asarray(value)
             err = np.sqrt(np.mean((a - e) ** 2)) / (np.sqrt(np.mean(e**2)) + 1e-30)
             # Same program, same mesh shape; only the collectives' reduction order may differ.
+            assert err <= 1e-6, f"{name}/{key}: relative RMS {err:.2e}"
+    for name, mesh_shape, kwargs in worker.attention_cases():
+        want = worker.run_attention_case(mesh_shape, kwargs, jax.devices())
+        for key, value in want.items():
+            a, e = got[f"{name}/{key}"], np.asarray(value)
+            err = np.sqrt(np.mean((a - e) ** 2)) / (np.sqrt(np.mean(e**2)) + 1e-30)
             assert err <= 1e-6, f"{name}/{key}: relative RMS {err:.2e}"
 
 
