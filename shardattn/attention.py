@@ -7,7 +7,6 @@ default positions, segment ids and positions from cu_seqlens, sinks as [H, n]), 
 backends in order.
 """
 
-from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +14,7 @@ import numpy as np
 
 from shardattn.kernels.attention import BACKENDS, get_backend
 from shardattn.kernels.attention.options import AttentionOptions
+from shardattn.lightning import choose_implementations
 
 # Backends tried, in order, when implementation=None, by jax.default_backend(); ("xla",) elsewhere.
 DEFAULT_IMPLEMENTATIONS = {"gpu": ("cudnn", "triton", "xla")}
@@ -52,16 +52,8 @@ def _check_int_array(name, x, shape):
 
 
 def resolve_implementations(implementation) -> tuple[str, ...]:
-    """implementation=None | name | sequence of names -> the tuple of backend names to try."""
-    if implementation is None:
-        return DEFAULT_IMPLEMENTATIONS.get(jax.default_backend(), ("xla",))
-    names = (implementation,) if isinstance(implementation, str) else implementation
-    if not isinstance(names, Sequence) or not names:
-        raise ValueError(f"implementation={implementation!r} must be None, a name or a non-empty sequence")
-    for name in names:
-        if name not in BACKENDS:
-            raise ValueError(f"implementation {name!r} is not one of {tuple(BACKENDS)}")
-    return tuple(names)
+    """implementation=None | name | sequence of names -> the tuple of softmax backend names to try."""
+    return choose_implementations(implementation, DEFAULT_IMPLEMENTATIONS, BACKENDS)
 
 
 def _normalise_window(sliding_window, causal):

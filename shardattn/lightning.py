@@ -62,17 +62,23 @@ def _check_float(name, x):
         raise TypeError(f"{name} must have a floating dtype, got {name}.dtype={x.dtype}")
 
 
-def resolve_implementations(implementation) -> tuple[str, ...]:
-    """implementation=None | name | sequence of names -> the tuple of backend names to try."""
+def choose_implementations(implementation, defaults: dict, backends: dict) -> tuple[str, ...]:
+    """implementation=None (the platform's entry of `defaults`, else ("xla",)) | a name | a sequence of
+    names, each a key of `backends` -> the tuple of backend names to try, in order."""
     if implementation is None:
-        return DEFAULT_IMPLEMENTATIONS.get(jax.default_backend(), ("xla",))
+        return defaults.get(jax.default_backend(), ("xla",))
     names = (implementation,) if isinstance(implementation, str) else implementation
     if not isinstance(names, Sequence) or not names:
         raise ValueError(f"implementation={implementation!r} must be None, a name or a non-empty sequence")
     for name in names:
-        if name not in BACKENDS:
-            raise ValueError(f"implementation {name!r} is not one of {tuple(BACKENDS)}")
+        if name not in backends:
+            raise ValueError(f"implementation {name!r} is not one of {tuple(backends)}")
     return tuple(names)
+
+
+def resolve_implementations(implementation) -> tuple[str, ...]:
+    """implementation=None | name | sequence of names -> the tuple of lightning backend names to try."""
+    return choose_implementations(implementation, DEFAULT_IMPLEMENTATIONS, BACKENDS)
 
 
 class Checked(NamedTuple):

@@ -4,7 +4,7 @@ Backends are imported lazily by name, so that a backend whose dependencies are m
 until it is asked for.
 """
 
-import importlib
+from shardattn.kernels import load_backend
 
 # backend name -> module in this folder
 BACKENDS = {"reference": "reference", "xla": "xla", "cudnn": "cudnn", "triton": "triton"}
@@ -16,12 +16,4 @@ def get_backend(name: str, function: str = "attention"):
     Raises NotImplementedError when the backend cannot be imported on this installation or lacks the
     (optional) function.
     """
-    if name not in BACKENDS:
-        raise ValueError(f"implementation={name!r} is not one of {tuple(BACKENDS)}")
-    try:
-        module = importlib.import_module(f"{__name__}.{BACKENDS[name]}")
-    except ModuleNotFoundError as err:
-        raise NotImplementedError(f"backend {name!r} is not available here: {err}") from err
-    if not hasattr(module, function):
-        raise NotImplementedError(f"backend {name!r} has no {function}")
-    return getattr(module, function)
+    return load_backend(__name__, BACKENDS, name, function)
