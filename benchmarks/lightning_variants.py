@@ -47,7 +47,16 @@ def time_variant(module, w, warmup, rounds, inner):
 
     fwd = time_call(jax.jit(attn), q, k, v, warmup=warmup, repeats=rounds, inner=inner)
     both = time_call(jax.jit(fwd_bwd), q, k, v, do, warmup=warmup, repeats=rounds, inner=inner)
-    return {"fwd_ms": fwd, "fwd_bwd_ms": both}
+    values = (jax.jit(attn)(q, k, v),) + tuple(jax.jit(fwd_bwd)(q, k, v, do))
+    return {"fwd_ms": fwd, "fwd_bwd_ms": both}, values
+
+
+def rel_rms(a, b):
+    """Relative RMS difference of two arrays (float32)."""
+    import jax.numpy as jnp
+
+    a, b = (jnp.asarray(x, jnp.float32) for x in (a, b))
+    return float(jnp.sqrt(jnp.mean((a - b) ** 2) / jnp.maximum(jnp.mean(b**2), 1e-30)))
 
 
 def main(argv=None):
@@ -75,11 +84,19 @@ def main(argv=None):
     for wname in [n for n in args.workloads.split(",") if n]:
         w = WORKLOADS[wname]
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
+        base = None
         for vname, module in variants.items():
-            r = time_variant(module, w, args.warmup, args.rounds, args.inner)
+            try:
+                r, values = time_variant(module, w, args.warmup, args.rounds, args.inner)
+            except Exception as err:  # a variant that does not build is reported, not fatal
+                print(f"  {wname:18s} {vname:10s} FAILED: {type(err).__name__}: {str(err)[:300]}", flush=True)
+                continue
+            base = values if base is None else base
+            # Agreement with `current` (relative RMS of o, dq, dk, dv): a variant must compute the same.
+            r["rel_rms_vs_current"] = [rel_rms(a, b) for a, b in zip(values, base, strict=True)]
             rows.append(dict(workload=wname, variant=vname, floor_fwd_ms=floor, **r))
-            print(f"  {wname:18s} {vname:10s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms",
-                  flush=True)
+            print(f"  {wname:18s} {vname:10s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms  "
+                  f"max rel RMS vs current {max(r['rel_rms_vs_current']):.1e}", flush=True)
     print(f"\n{jax.devices()[0].device_kind}, copy bandwidth {bw:.0f} GB/s; ratios to 'current'")
     cur = {r["workload"]: r for r in rows if r["variant"] == "current"}
     for r in rows:
@@ -87,7 +104,7 @@ def main(argv=None):
         print(f"{r['workload']:18s} {r['variant']:10s} "
               f"fwd {r['fwd_ms']:.3f} ({r['fwd_ms'] / c['fwd_ms']:.2f}x)"
               f"  fwd+bwd {r['fwd_bwd_ms']:.3f} ({r['fwd_bwd_ms'] / c['fwd_bwd_ms']:.2f}x)"
-              f"  fwd/floor {r['fwd_ms'] / r['floor_fwd_ms']:.2f}")
+              f"  fwd/floor {r['fwd_ms'] / r['floor_fwd_ms']:.2f}  err {max(r['rel_rms_vs_current']):.0e}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**environment(), "copy_bandwidth_gbs": bw, "variants": list(variants),

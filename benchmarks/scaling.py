@@ -122,6 +122,10 @@ def measure_shard(P_, T, args):
     row = {"devices": P_, "T": T, "tokens_per_device": T // P_, "scan": "emulated", "emulated": True}
     for name, fn in fns.items():
         row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
+        # Kernel launches in the compiled program (Triton custom calls): shows whether XLA computed the
+        # shard's local-state pass and the kernel's own segment pass once (CSE) or twice.
+        hlo = fn.lower(q, k, v).compile().as_text()
+        row[f"{name}_triton_launches"] = hlo.count('custom_call_target="triton_kernel_call"')
     return row
 
 
@@ -226,7 +230,7 @@ def main():
     env = environment()
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs(nbytes=1 << (20 if args.smoke else 30))
     rows = []
-    for tokens in (int(t) for t in args.weak.split(",")):
+    for tokens in (int(t) for t in args.weak.split(",") if t):
         for c in counts:
             for scan in scans if c > 1 else scans[:1]:  # one device: every scan is the same program
                 rows.append({"kind": "weak", **measure(c, tokens * c, scan, args)})
@@ -234,7 +238,7 @@ def main():
         for c in emulate:
             rows.append({"kind": "weak", **measure_shard(c, tokens * c, args)})
             print(rows[-1], flush=True)
-    for T in (int(t) for t in args.strong.split(",")):
+    for T in (int(t) for t in args.strong.split(",") if t):
         for c in counts:
             for scan in scans if c > 1 else scans[:1]:
                 rows.append({"kind": "strong", **measure(c, T, scan, args)})

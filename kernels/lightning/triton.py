@@ -586,11 +586,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     if P > 1:
         # Segment scan: local final states of every segment from zero (k, v only), then
         # S_in(s) = lam^len(s-1) S_in(s-1) + S_loc(s-1) over the few segments, in plain JAX.
-        _, s_loc, _ = _launch(
-            _kernels()[0], (NV, N * H * P), (q, k, v, slopes, dummy, cu, coff),
-            (jax.ShapeDtypeStruct((1,), out_dtype), state_shape, jax.ShapeDtypeStruct((1,), state_dtype)),
-            HAS_S0=False, STORE_STATES=False, STATES_ONLY=True, **meta,
-        )
+        s_loc = _segment_states(k, v, slopes, bool(reverse), blocks, P, TSEG, BV)
         lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]  # every segment but the last is full
         incoming = [jnp.zeros((N, H, DK, DV), jnp.float32) if s0 is None else s0]
         for seg in range(1, P):
@@ -738,14 +734,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     B, T, H, DK = q.shape
     DV = do.shape[3]
     N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
-    BV = min(blocks.fwd_bv, _pow2(DV))
-    NV = -(-DV // BV)
-    # Few (sequence, head, Dv block) items: Dk is cut into blocks too (a block of G needs only its own
-    # columns of q), which shortens each step and multiplies the programs before segments do.
-    few = N * H * NV < blocks.seg_below
-    BK = min(blocks.walk_bk, _pow2(DK)) if few else _pow2(DK)
-    NK = -(-DK // BK)
-    P, TSEG = _segments(N * H * NK * NV, T, blocks, split=cu_seqlens is None)
+    BK, NK, BV, NV, P, TSEG = _g_walk_blocks(N, H, T, DK, DV, blocks, split=cu_seqlens is None)
     walk = functools.partial(
         _launch, _kernels()[2], (NV, NK, N * H * P), name="lightning_dstate", num_stages=blocks.num_stages,
         num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
@@ -757,17 +746,54 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     gout_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
     entering = dfinal
     if P > 1:
-        no_store = jax.ShapeDtypeStruct((1,), state_dtype)
-        _, g_loc = walk((q, do, slopes, dfinal, cu, coff), (no_store, gout_shape), SEG_G0=False,
-                        STORE_STATES=False)
+        # Every segment from zero (the launch state_gradient makes for these q, dO: XLA computes it once
+        # in a sequence shard's backward); the last one's G_out adds lam^(its length) dL/dS_final.
+        g_loc = _segment_gradients(q, do, slopes, float(opts.scale), bool(opts.reverse), blocks, BK, BV, P,
+                                   TSEG)
         lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]
-        entering = [dfinal, g_loc[:, :, P - 1]]  # G entering segments P - 1, P - 2, ..., 0 at their ends
+        lam_last = jnp.exp(-slopes * float(T - (P - 1) * TSEG))[None, :, None, None]
+        # G entering segments P - 1, P - 2, ..., 0 at their ends
+        entering = [dfinal, lam_last * dfinal + g_loc[:, :, P - 1]]
         for seg in range(P - 2, 0, -1):
             entering.append(lam_seg * entering[-1] + g_loc[:, :, seg])
         entering = jnp.stack(entering[::-1], axis=2)
     gstates, g_out = walk((q, do, slopes, entering, cu, coff), (gstate_shape, gout_shape), SEG_G0=P > 1,
                           STORE_STATES=True)
     return gstates, g_out[:, :, 0]
+
+
+def _g_walk_blocks(N, H, T, DK, DV, blocks, split):
+    """(BK, NK, BV, NV, P, TSEG) of the G walk over N sequences of T tokens and H heads."""
+    BV = min(blocks.fwd_bv, _pow2(DV))
+    NV = -(-DV // BV)
+    # Few (sequence, head, Dv block) items: Dk is cut into blocks too (a block of G needs only its own
+    # columns of q), which shortens each step and multiplies the programs before segments do.
+    few = N * H * NV < blocks.seg_below
+    BK = min(blocks.walk_bk, _pow2(DK)) if few else _pow2(DK)
+    NK = -(-DK // BK)
+    P, TSEG = _segments(N * H * NK * NV, T, blocks, split=split)
+    return BK, NK, BV, NV, P, TSEG
+
+
+def _segment_gradients(q, do, slopes, scale, reverse, blocks, BK, BV, P, TSEG):
+    """G leaving each of the P segments, walked from zero: [B, H, P, Dk, Dv] float32 (dstate_kernel,
+    q and dO read once). The G walk's first pass and state_gradient both launch it through here."""
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    N, nc_total, cu, coff = _layout(None, B, T)
+    NK, NV = -(-DK // BK), -(-DV // BV)
+    dummy = jnp.zeros((1,), jnp.float32)  # g0 (never read without SEG_G0 / HAS_G0)
+    _, g_seg = _launch(
+        _kernels()[2], (NV, NK, N * H * P), (q, do, slopes, dummy, cu, coff),
+        (jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)),
+        name="lightning_segment_gradients",
+        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_stages=blocks.num_stages,
+        T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=scale, NC_TOTAL=nc_total, REVERSE=reverse,
+        VARLEN=False, IEEE=q.dtype == jnp.float32, P=P, TSEG=TSEG, SEG_G0=False, HAS_G0=False,
+        STORE_STATES=False,
+    )  # fmt: skip
+    return g_seg
 
 
 def _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
@@ -858,46 +884,45 @@ def local_state(k, v, slopes, *, reverse=False):
 def _local_state(k, v, slopes, reverse, blocks):
     B, T, HKV, DK = k.shape
     H, DV = slopes.shape[0], v.shape[3]
-    N, nc_total, cu, coff = _layout(None, B, T)
     BV = min(blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
-    P, TSEG = _segments(N * H * NV, T, blocks, programs=blocks.state_programs)
-    dummy = jnp.zeros((1,), jnp.float32)  # q (never read with STATES_ONLY), s0
-    _, s_seg, _ = _launch(
-        _kernels()[0],
-        (NV, N * H * P),
-        (dummy, k, v, slopes, dummy, cu, coff),
-        (
-            jax.ShapeDtypeStruct((1,), k.dtype),
-            jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
-            jax.ShapeDtypeStruct((1,), jnp.float32),
-        ),
-        name="lightning_local_state",
-        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
-        num_stages=blocks.num_stages,
-        T=T,
-        H=H,
-        HKV=HKV,
-        DK=DK,
-        DV=DV,
-        BK=_pow2(DK),
-        BV=BV,
-        C=CHUNK,
-        SCALE=1.0,
-        NC_TOTAL=nc_total,
-        REVERSE=reverse,
-        VARLEN=False,
-        IEEE=k.dtype == jnp.float32,
-        P=P,
-        TSEG=TSEG,
-        HAS_S0=False,
-        STORE_STATES=False,
-        STATES_ONLY=True,
-    )
+    # Where the forward kernel over these k, v would cut its sequences into segments too, cut them the
+    # same way: its first pass is then the very launch below (same operands and parameters), which XLA
+    # computes once (CSE), so a sequence shard (local_state, scan, kernel from S_in) reads k, v for its
+    # states once, not twice.
+    P, TSEG = _segments(B * H * NV, T, blocks)
+    if P == 1:
+        P, TSEG = _segments(B * H * NV, T, blocks, programs=blocks.state_programs)
+    s_seg = _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV)
     if P == 1:
         return s_seg[:, :, 0]
     after = [T - min((s + 1) * TSEG, T) for s in range(P)]  # tokens processed after segment s (last: 0)
     return jnp.sum(_segment_weights(slopes, after) * s_seg, axis=2)
+
+
+def _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV):
+    """Local final state of each of the P segments of TSEG tokens, from zero: [B, H, P, Dk, Dv] float32.
+
+    The forward kernel's states-only walk (k, v read once). The forward's segment pass and local_state
+    both launch it through here, so that equal calls are equal HLO (see _local_state).
+    """
+    B, T, HKV, DK = k.shape
+    H, DV = slopes.shape[0], v.shape[3]
+    N, nc_total, cu, coff = _layout(None, B, T)
+    NV = -(-DV // BV)
+    dummy = jnp.zeros((1,), jnp.float32)  # q (never read with STATES_ONLY), s0
+    _, s_seg, _ = _launch(
+        _kernels()[0], (NV, N * H * P), (dummy, k, v, slopes, dummy, cu, coff),
+        (jax.ShapeDtypeStruct((1,), k.dtype), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
+         jax.ShapeDtypeStruct((1,), jnp.float32)),
+        name="lightning_segment_states",
+        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_stages=blocks.num_stages,
+        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=BV, C=CHUNK, SCALE=1.0, NC_TOTAL=nc_total,
+        REVERSE=bool(reverse), VARLEN=False, IEEE=k.dtype == jnp.float32, P=P, TSEG=TSEG, HAS_S0=False,
+        STORE_STATES=False, STATES_ONLY=True,
+    )  # fmt: skip
+    return s_seg
 
 
 def state_gradient(q, do, slopes, *, scale, reverse=False):
@@ -916,44 +941,16 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
 def _state_gradient(q, do, slopes, scale, reverse, blocks):
     B, T, H, DK = q.shape
     DV = do.shape[3]
-    N, nc_total, cu, coff = _layout(None, B, T)
-    BV = min(blocks.fwd_bv, _pow2(DV))
-    NV = -(-DV // BV)
-    # [Dk, BV] blocks of G, the forward walk's tiles (a Dk split as in _g_walk was slower here: b1-t32k
-    # and b1-t128k, H100, 256 programs); segments supply the parallelism.
-    BK = min(blocks.state_bk, _pow2(DK)) if blocks.state_bk else _pow2(DK)
-    NK = -(-DK // BK)
-    P, TSEG = _segments(N * H * NK * NV, T, blocks, programs=blocks.state_programs)
-    dummy = jnp.zeros((1,), jnp.float32)  # g0 (never read without SEG_G0 / HAS_G0)
-    _, g_seg = _launch(
-        _kernels()[2],
-        (NV, NK, N * H * P),
-        (q, do, slopes, dummy, cu, coff),
-        (
-            jax.ShapeDtypeStruct((1,), jnp.float32),
-            jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
-        ),
-        name="lightning_state_gradient",
-        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
-        num_stages=blocks.num_stages,
-        T=T,
-        H=H,
-        DK=DK,
-        DV=DV,
-        BK=BK,
-        BV=BV,
-        C=CHUNK,
-        SCALE=scale,
-        NC_TOTAL=nc_total,
-        REVERSE=reverse,
-        VARLEN=False,
-        IEEE=q.dtype == jnp.float32,
-        P=P,
-        TSEG=TSEG,
-        SEG_G0=False,
-        HAS_G0=False,
-        STORE_STATES=False,
-    )
+    # Where the backward's G walk over these q, dO would cut its sequences into segments, use its blocks
+    # and segments: its first pass is then this very launch (see _g_walk). Otherwise [Dk, BV] blocks of
+    # G, the forward walk's tiles (a Dk split as in _g_walk was slower here: b1-t32k and b1-t128k, H100,
+    # 256 programs), and segments supply the parallelism.
+    BK, NK, BV, NV, P, TSEG = _g_walk_blocks(B, H, T, DK, DV, blocks, split=True)
+    if P == 1:
+        BK = min(blocks.state_bk, _pow2(DK)) if blocks.state_bk else _pow2(DK)
+        NK = -(-DK // BK)
+        P, TSEG = _segments(B * H * NK * NV, T, blocks, programs=blocks.state_programs)
+    g_seg = _segment_gradients(q, do, slopes, scale, reverse, blocks, BK, BV, P, TSEG)
     if P == 1:
         return g_seg[:, :, 0]
     before = [s * TSEG for s in range(P)]  # tokens processed before segment s
