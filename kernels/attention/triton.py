@@ -275,16 +275,14 @@ def _side_inputs(q_segment_ids, kv_segment_ids, q_positions, kv_positions, bias,
     kvseg = dummy_i if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     bias_arg = jnp.zeros((1,), jnp.float32) if bias is None else bias
     if options.dropout_rate > 0:
-        # [5] uint32: the two seed words, the keep threshold, the global offsets (int32 bits).
+        # [7] uint32: the two seed words, the keep threshold, the global offsets (q, kv, batch, head;
+        # int32 bits, added modulo 2^32 in the kernels as dropout.keep_mask's uint32 casts do).
         s0, s1 = dropout.seed_words(dropout_rng)
-        q_off, kv_off = (0, 0) if dropout_offsets is None else dropout_offsets
-        offs = jax.lax.bitcast_convert_type(
-            jnp.stack([jnp.asarray(q_off, jnp.int32), jnp.asarray(kv_off, jnp.int32)]), jnp.uint32
-        )
+        offs = jax.lax.bitcast_convert_type(jnp.stack(dropout.offsets(dropout_offsets)), jnp.uint32)
         drop = jnp.concatenate([jnp.stack([s0, s1, jnp.uint32(dropout.threshold(options.dropout_rate))]),
                                 offs])  # fmt: skip
     else:
-        drop = jnp.zeros((5,), jnp.uint32)
+        drop = jnp.zeros((7,), jnp.uint32)
     return qpos, kvpos, qseg, kvseg, bias_arg, drop
 
 
