@@ -21,14 +21,12 @@ float32 accumulators carried through both loops.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from shardattn.kernels.attention import dropout
+from shardattn.kernels.attention import dropout, halves
 from shardattn.kernels.attention.options import MASK_VALUE, AttentionOptions, allowed
-from shardattn.kernels.lightning.varying import match_varying
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -462,45 +460,7 @@ def backward(
 
 # --------------------------------------------------------------------------------------- custom_vjp
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng):
-    return forward(
-        q, k, v, **_keywords(bias, sinks, ints, dropout_rng), options=options, block_sizes=block_sizes
-    )
-
-
-def _keywords(bias, sinks, ints, dropout_rng):
-    q_seg, kv_seg, q_pos, kv_pos, offsets = ints
-    return dict(
-        bias=bias,
-        sinks=sinks,
-        q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg,
-        q_positions=q_pos,
-        kv_positions=kv_pos,
-        dropout_rng=dropout_rng,
-        dropout_offsets=offsets,
-    )
-
-
-def _attention_fwd(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng):
-    o, lse = _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
-    return (o, lse), (q, k, v, bias, sinks, ints, dropout_rng, o, lse)
-
-
-def _attention_bwd(options, block_sizes, residuals, cotangents):
-    q, k, v, bias, sinks, ints, dropout_rng, o, lse = residuals
-    do, dlse = cotangents
-    dq, dk, dv, dbias, dsinks = backward(
-        q, k, v, o, lse, do.astype(q.dtype), dlse,
-        **_keywords(bias, sinks, ints, dropout_rng), options=options, block_sizes=block_sizes,
-    )  # fmt: skip
-    no_grad = jax.tree.map(lambda _: None, ints)  # integer inputs and the rng have no cotangent
-    return dq, dk, dv, dbias, dsinks, no_grad, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = halves.differentiable(forward, backward)
 
 
 def attention(
@@ -519,13 +479,9 @@ def attention(
     options: AttentionOptions,
     block_sizes: BlockSizes | None = None,
 ):
-    """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py."""
-    ints = (q_segment_ids, kv_segment_ids, q_positions, kv_positions, dropout_offsets)
-    # Inside shard_map, a replicated input (sinks, a shared bias) gets a per-shard cotangent from the
-    # backward: cast it to vary like the rest, so that autodiff of the cast sums those (a psum).
-    # Outside shard_map this is a no-op.
-    diff = [x for x in (q, k, v, bias, sinks) if x is not None]
-    q, k, v = (match_varying(x, *diff) for x in (q, k, v))
-    bias = None if bias is None else match_varying(bias, *diff)
-    sinks = None if sinks is None else match_varying(sinks, *diff)
-    return _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
+    """Differentiable (o, lse): the custom_vjp of `forward` and `backward` (halves.py). See reference.py."""
+    return _attention(
+        q, k, v, bias=bias, sinks=sinks, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions, dropout_rng=dropout_rng,
+        dropout_offsets=dropout_offsets, options=options, block_sizes=block_sizes,
+    )  # fmt: skip
