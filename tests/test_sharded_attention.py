@@ -458,52 +458,24 @@ DROPOUT_FEATURES = {
 }
 
 
-@functools.cache
-def _dropout_case(feature, mesh_shape, strategy, layout, heads=8, kv_heads=4):
-    """(sharded, unsharded) o and gradients of q, k, v, bias, sinks, in the original order."""
-    mesh = make_mesh(data=mesh_shape[0], seq=mesh_shape[1], heads=mesh_shape[2])
-    x, (w, _) = inputs(heads, kv_heads, seed=9)
-    args = [x["q"], x["k"], x["v"], x["bias"], x["sinks"]]
-    seg = jnp.asarray(SEGMENTS, jnp.int32)
+def _dropout_grad(attend, feature, seg, w_o, w_lse):
+    """jit(grad) of <o, w_o> + <lse, w_lse> in q, k, v, bias, sinks, with (o, lse) as aux."""
     kw = dict(dropout_rate=0.3, dropout_rng=jax.random.key(21), implementation="xla",
-              **DROPOUT_FEATURES[feature])  # fmt: skip
+              return_residuals=True, **DROPOUT_FEATURES[feature])  # fmt: skip
 
-    def loss(attend, seg, w):
-        def f(q, k, v, bias, sinks):
-            o = attend(q, k, v, bias=bias, sinks=sinks, q_segment_ids=seg, kv_segment_ids=seg, **kw)
-            return jnp.sum(o * w), o
+    def f(q, k, v, bias, sinks):
+        o, lse = attend(q, k, v, bias=bias, sinks=sinks, q_segment_ids=seg, kv_segment_ids=seg, **kw)
+        return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse), (o, lse)
 
-        return jax.jit(jax.grad(f, argnums=tuple(range(5)), has_aux=True))
-
-    want = _unsharded_dropout(feature, heads, kv_heads)
-    attend = functools.partial(sharded_attention, mesh=mesh, strategy=strategy, layout=layout)
-    if layout == "zigzag":  # reordered at "data loading", outside the compiled program
-        zz = functools.partial(_reorder, mesh, to_zigzag)
-        seq_axes = [(1,), (1,), (1,), (2, 3), ()]
-        args = [zz(a, axes=ax) for a, ax in zip(args, seq_axes, strict=True)]
-        grads, o = loss(attend, zz(seg, axes=(1,)), zz(w, axes=(1,)))(*args)
-        o = from_zigzag(o, mesh)
-        grads = [_reorder(mesh, from_zigzag, g, ax) for g, ax in zip(grads, seq_axes, strict=True)]
-    else:
-        grads, o = loss(attend, seg, w)(*args)
-    return (o, grads), want
+    return jax.jit(jax.grad(f, argnums=tuple(range(5)), has_aux=True))
 
 
 @functools.cache
 def _unsharded_dropout(feature, heads, kv_heads):
-    x, (w, _) = inputs(heads, kv_heads, seed=9)
+    x, w = inputs(heads, kv_heads, seed=9)
     seg = jnp.asarray(SEGMENTS, jnp.int32)
-    kw = dict(dropout_rate=0.3, dropout_rng=jax.random.key(21), implementation="xla",
-              **DROPOUT_FEATURES[feature])  # fmt: skip
-
-    def f(q, k, v, bias, sinks):
-        o = flash_attention(q, k, v, bias=bias, sinks=sinks, q_segment_ids=seg, kv_segment_ids=seg, **kw)
-        return jnp.sum(o * w), o
-
-    grads, o = jax.jit(jax.grad(f, argnums=tuple(range(5)), has_aux=True))(
-        x["q"], x["k"], x["v"], x["bias"], x["sinks"]
-    )
-    return o, grads
+    grads, (o, lse) = _dropout_grad(flash_attention, feature, seg, *w)(*(x[n] for n in x))
+    return o, lse, grads
 
 
 @pytest.mark.parametrize(
@@ -518,11 +490,29 @@ def _unsharded_dropout(feature, heads, kv_heads):
 def test_dropout_under_every_sharding(strategy, layout, feature, mesh_shape):
     """Dropout with causal or window, bias, sinks and segments crossing shards, on batch x seq x heads
     (2 x 2 x 2, H8/4; and 2 x 1 x 4 without a sequence axis, H8/2: the 2 kv heads do not divide over 4
-    and stay replicated): o and every gradient equal the unsharded xla call with the same rng."""
-    kv_heads = 2 if strategy == "local" else 4
-    strategy_arg = "auto" if strategy == "local" else strategy
-    (o, grads), (o_ref, g_ref) = _dropout_case(feature, mesh_shape, strategy_arg, layout, kv_heads=kv_heads)
+    and stay replicated): o, lse and every gradient equal the unsharded xla call with the same rng."""
+    heads, kv_heads = 8, 2 if strategy == "local" else 4
+    mesh = make_mesh(data=mesh_shape[0], seq=mesh_shape[1], heads=mesh_shape[2])
+    x, w = inputs(heads, kv_heads, seed=9)
+    args = [x[n] for n in x]  # q, k, v, bias, sinks
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    attend = functools.partial(sharded_attention, mesh=mesh, layout=layout,
+                               strategy="auto" if strategy == "local" else strategy)  # fmt: skip
+    if layout == "zigzag":  # reordered at "data loading", outside the compiled program
+        zz = functools.partial(_reorder, mesh, to_zigzag)
+        seq_axes = [(1,), (1,), (1,), (2, 3), ()]
+        args = [zz(a, axes=ax) for a, ax in zip(args, seq_axes, strict=True)]
+        grads, (o, lse) = _dropout_grad(attend, feature, zz(seg, axes=(1,)), zz(w[0], axes=(1,)),
+                                        zz(w[1], axes=(2,)))(*args)  # fmt: skip
+        o, lse = from_zigzag(o, mesh), from_zigzag(lse, mesh, axis=2)
+        grads = [_reorder(mesh, from_zigzag, g, ax) for g, ax in zip(grads, seq_axes, strict=True)]
+    else:
+        grads, (o, lse) = _dropout_grad(attend, feature, seg, *w)(*args)
+    o_ref, lse_ref, g_ref = _unsharded_dropout(feature, heads, kv_heads)
     errors = {"o": assert_close("o", o, o_ref, DROPOUT_TOL)}
+    finite = np.isfinite(np.asarray(lse_ref))
+    assert np.array_equal(np.isfinite(np.asarray(lse)), finite)
+    errors["lse"] = assert_close("lse", np.where(finite, lse, 0), np.where(finite, lse_ref, 0), DROPOUT_TOL)
     for name, g, r in zip(("q", "k", "v", "bias", "sinks"), grads, g_ref, strict=True):
         errors["d" + name] = assert_close("d" + name, g, r, 2 * DROPOUT_TOL)
     print(f"\ndropout {strategy} {layout} {feature}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()),
