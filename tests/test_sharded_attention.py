@@ -261,9 +261,10 @@ def test_kv_heads_replicated_over_the_head_axis(strategy):
     compiled = loss(ours).lower(q, k, v, sinks).compile()
     got, o = compiled(q, k, v, sinks)
     want, o_ref = loss(flash_attention, implementation="reference")(q, k, v, sinks)
-    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    errors = {"o": assert_close("o", o, o_ref, tolerance(jnp.float32))}
     for name, g, r in zip(("q", "k", "v", "sinks"), got, want, strict=True):
-        assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+        errors["d" + name] = assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+    print(f"\nreplicated kv {strategy}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()), end="")
 
     ops = {op: collections.Counter(x.split("{")[0].lstrip("(") for x in shapes)
            for op, shapes in collectives(compiled.as_text()).items()}  # fmt: skip
