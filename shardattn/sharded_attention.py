@@ -22,6 +22,20 @@ Strategies over the sequence axis (P shards, n = T / P queries and m = S / P key
   gradient by autodiff, whose transpose of all_gather is a reduce-scatter of dK/dV.
 - "ulysses": all_to_all from sequence- to head-sharded, a full-sequence call on H/P heads, and back.
 Batch and head axes need no communication.
+
+Kv heads that do not divide over the head axis (Hkv % heads-axis size != 0) are served when every
+device's H / heads query heads read one kv head (G = H / Hkv divisible by them): k, v stay replicated
+over the head axis and each device takes kv head (head rank * H / heads) // G with lax.axis_index
+(Megatron's GQA rule); only that head enters the strategy (the ring rotates it alone; allgather and
+ulysses all-gather it), and shard_map's transpose of the replicated k, v sums dK/dV over the head axis.
+
+Dropout draws the unsharded call's mask under every sharding: each call gets dropout_offsets (q, kv,
+batch, head) = the global indices of its first query, key, batch row and query head (axis_index of the
+batch, head and sequence axes; ulysses adds its head group). Zigzag chunks are not one contiguous range
+of token indices, so with dropout the ring splits each call at the chunk boundaries (up to 4 calls over
+the same pairs), and allgather / ulysses put the gathered sequence back in the original order around
+their call (a local permutation of the gathered k, v (and q, o for ulysses), positions, segment ids and
+bias columns; allgather calls its two query chunks apart).
 """
 
 import dataclasses
@@ -90,6 +104,12 @@ class _Plan:
     dropout: bool
     static_positions: bool  # derived default positions, no cu_seqlens: rebuilt per device as numpy
     return_lse: bool  # return_residuals
+    local_batch: int  # B per batch shard and H per head shard (the dropout mask's global indices)
+    local_heads: int
+    # k, v replicated over the head axis (Hkv does not divide by it): each device takes kv head
+    # head_rank * local_heads // group, group = H // Hkv (divisible by local_heads).
+    kv_replicated: bool
+    group: int
 
     @property
     def zigzag_pairs(self) -> bool:
@@ -200,8 +220,51 @@ def _bias_cols(bias, start, size):
     return None if bias is None else jax.lax.dynamic_slice_in_dim(bias, start, size, axis=3)
 
 
-def _offsets(plan, q_start, kv_start):
-    return (jnp.int32(q_start), jnp.int32(kv_start)) if plan.dropout else None
+def _dropout_base(plan):
+    """(batch offset, head offset) int32 of this device's first local batch row and query head: the
+    dropout mask hashes global batch and head indices (ulysses adds its own split of the heads)."""
+    b_off = h_off = jnp.int32(0)
+    if plan.batch_axes:
+        b_off = jax.lax.axis_index(plan.batch_axes) * plan.local_batch
+    if plan.head_axis is not None:
+        h_off = jax.lax.axis_index(plan.head_axis) * plan.local_heads
+    return b_off, h_off
+
+
+def _offsets(plan, q_start, kv_start, head_start=0):
+    """dropout_offsets (q, kv, batch, head) of a call whose first query / key has global token index
+    q_start / kv_start; None without dropout."""
+    if not plan.dropout:
+        return None
+    b_off, h_off = _dropout_base(plan)
+    return jnp.int32(q_start), jnp.int32(kv_start), b_off, h_off + head_start
+
+
+def _pieces(plan, rows, cols, n, m, rank, src):
+    """The calls serving local query rows [r0, r1) against columns [c0, c1) of the block of rank src:
+    [((r0, r1), (c0, c1), dropout_offsets)]. One call, except with dropout in the zigzag layout: there
+    the rows (chunks rank and 2P-1-rank) and the columns (chunks src and 2P-1-src) are not one
+    contiguous range of global token indices, which dropout_offsets describe, so the call is split at
+    the chunk boundaries (up to 4 calls over the same pairs)."""
+    if not plan.dropout:
+        return [(rows, cols, None)]
+    if plan.layout == "contiguous":
+        return [(rows, cols, _offsets(plan, rank * n + rows[0], src * m + cols[0]))]
+
+    def split(span, size, owner):  # [(start, stop, global index of start)] per chunk within span
+        half, last = size // 2, 2 * plan.num_seq - 1
+        out = []
+        for a, b, first in ((0, half, owner * half), (half, size, (last - owner) * half)):
+            lo, hi = max(a, span[0]), min(b, span[1])
+            if lo < hi:
+                out.append((lo, hi, first + lo - a))
+        return out
+
+    return [
+        ((r0, r1), (c0, c1), _offsets(plan, gq, gk))
+        for r0, r1, gq in split(rows, n, rank)
+        for c0, c1, gk in split(cols, m, src)
+    ]
 
 
 def _ring_rounds(plan, blk0):
@@ -215,6 +278,37 @@ def _ring_rounds(plan, blk0):
         blk = nxt
 
 
+def _pad(x, before, after, axis, value=0.0):
+    """x with `before` / `after` entries of `value` added along `axis` (a partial as full rows)."""
+    if not before and not after:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (before, after)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _block_forward(plan, q, blk, bias, q_pos, q_seg, rng, rows, cols, rank, src):
+    """(o [b, n, h, Dv] float32, lse [b, h, n]) of local query rows [rows) against columns [cols) of the
+    held block (of rank src) as full rows: the other rows get the empty partial (0, -inf).
+    bias: [Bb, Hb, n, m], the block's columns."""
+    bk, bv, bpos, bseg = blk
+    n, m = q.shape[1], bk.shape[1]
+    o = lse = None
+    for (r0, r1), (c0, c1), offsets in _pieces(plan, rows, cols, n, m, rank, src):
+        o_t, lse_t = _run(
+            plan, "forward", q[:, r0:r1], bk[:, c0:c1], bv[:, c0:c1],
+            bias=None if bias is None else bias[:, :, r0:r1, c0:c1],
+            q_positions=q_pos[:, r0:r1], kv_positions=bpos[:, c0:c1],
+            q_segment_ids=None if q_seg is None else q_seg[:, r0:r1],
+            kv_segment_ids=None if bseg is None else bseg[:, c0:c1], dropout_rng=rng,
+            dropout_offsets=offsets,
+        )  # fmt: skip
+        o_t = _pad(o_t.astype(jnp.float32), r0, n - r1, 1)
+        lse_t = _pad(lse_t, r0, n - r1, 2, -jnp.inf)
+        o, lse = (o_t, lse_t) if o is None else merge_attention(o, lse, o_t, lse_t)
+    return o, lse
+
+
 def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
     """o [b, n, h, Dv] float32, lse [b, h, n] (no sinks) and the number of key blocks computed (int32;
     zigzag: chunk pairs)."""
@@ -222,18 +316,13 @@ def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
         return _zigzag_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng)
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
-    kw = dict(q_positions=q_pos, q_segment_ids=q_seg, dropout_rng=rng)
     o, lse = _empty(q, v)
     count = jnp.int32(0)
     for _, src, blk in _ring_rounds(plan, (k, v, kv_pos, kv_seg)):
-        bk, bv, bpos, bseg = blk
 
-        def compute(bk=bk, bv=bv, bpos=bpos, bseg=bseg, src=src):
-            o_t, lse_t = _run(
-                plan, "forward", q, bk, bv, bias=_bias_cols(bias, src * m, m), kv_positions=bpos,
-                kv_segment_ids=bseg, dropout_offsets=_offsets(plan, rank * n, src * m), **kw,
-            )  # fmt: skip
-            return o_t.astype(jnp.float32), lse_t
+        def compute(blk=blk, src=src):
+            return _block_forward(plan, q, blk, _bias_cols(bias, src * m, m), q_pos, q_seg, rng, (0, n),
+                                  (0, m), rank, src)  # fmt: skip
 
         if plan.skip_blocks:
             # A block the mask empties (causal: a later rank; window: out of reach) is skipped.
@@ -247,47 +336,30 @@ def _ring_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
     return o, lse, count
 
 
-def _pad_front(x, c, axis, value):
-    """x with c entries of `value` prepended along `axis` (a partial of the late chunk as full rows)."""
-    pad = [(0, 0)] * x.ndim
-    pad[axis] = (c, 0)
-    return jnp.pad(x, pad, constant_values=value)
-
-
 def _zigzag_forward(plan, q, k, v, bias, q_pos, kv_pos, q_seg, kv_seg, rng):
     # Local rows: chunk r (first c) then chunk 2P-1-r; a held block of rank s: chunk s, chunk 2P-1-s.
-    c = q.shape[1] // 2
-    m = k.shape[1]
+    n, m = q.shape[1], k.shape[1]
+    c = n // 2
     rank = jax.lax.axis_index(plan.seq_axis)
-    late = slice(c, None)
+    rows_all, rows_late = (0, n), (c, n)
+    cols_all, cols_early, cols_late = (0, m), (0, m // 2), (m // 2, m)
 
     def fwd(rows, cols, blk, src):
-        bk, bv, bpos, bseg = blk
-        o_t, lse_t = _run(
-            plan, "forward", q[:, rows], bk[:, cols], bv[:, cols],
-            bias=None if bias is None else _bias_cols(bias, src * m, m)[:, :, rows, cols],
-            q_positions=q_pos[:, rows], kv_positions=bpos[:, cols],
-            q_segment_ids=None if q_seg is None else q_seg[:, rows],
-            kv_segment_ids=None if bseg is None else bseg[:, cols], dropout_rng=rng,
-        )  # fmt: skip
-        o_t = o_t.astype(jnp.float32)
-        if rows == late:  # as full rows: the early chunk gets the empty partial (0, -inf)
-            o_t, lse_t = _pad_front(o_t, c, 1, 0.0), _pad_front(lse_t, c, 2, -jnp.inf)
-        return o_t, lse_t
+        return _block_forward(plan, q, blk, _bias_cols(bias, src * m, m), q_pos, q_seg, rng, rows, cols,
+                              rank, src)  # fmt: skip
 
-    early_cols, all_rows = slice(0, c), slice(None)
     o, lse = _empty(q, v)
     count = jnp.int32(0)
     for t, src, blk in _ring_rounds(plan, (k, v, kv_pos, kv_seg)):
         if t == 0:  # own block: (r, r) and (2P-1-r, r) in one call, (2P-1-r, 2P-1-r) in another
-            parts = [fwd(all_rows, early_cols, blk, src), fwd(late, slice(c, None), blk, src)]
+            parts = [fwd(rows_all, cols_early, blk, src), fwd(rows_late, cols_late, blk, src)]
             count += 3
         else:  # lower rank: both query chunks x its early chunk; higher rank: late chunk x whole block
             parts = [
                 jax.lax.cond(
                     src < rank,
-                    lambda blk=blk, src=src: fwd(all_rows, early_cols, blk, src),
-                    lambda blk=blk, src=src: fwd(late, slice(None), blk, src),
+                    lambda blk=blk, src=src: fwd(rows_all, cols_early, blk, src),
+                    lambda blk=blk, src=src: fwd(rows_late, cols_all, blk, src),
                 )
             ]
             count += 2
@@ -318,35 +390,32 @@ def _ring_bwd(plan, residuals, cotangents):
     k, v, kv_pos, kv_seg, do = jax.lax.optimization_barrier((k, v, kv_pos, kv_seg, do))
     n, m = q.shape[1], k.shape[1]
     rank = jax.lax.axis_index(plan.seq_axis)
-    c = n // 2
 
     def bwd(rows, cols, blk, src):
         """dq [b, n], dk, dv [b, m] and dbias [Bb, Hb, n, m] of (query rows) x (block columns), as
-        zero-padded full-size arrays so that every branch returns the same shapes."""
+        zero-padded full-size float32 arrays so that every branch returns the same shapes."""
         bk, bv, bpos, bseg = blk
-        dq, dk, dv, dbias, _ = _run(
-            plan, "backward", q[:, rows], bk[:, cols], bv[:, cols], o[:, rows], lse[:, :, rows],
-            do[:, rows], dlse[:, :, rows],
-            bias=None if bias is None else _bias_cols(bias, src * m, m)[:, :, rows, cols],
-            q_positions=q_pos[:, rows], kv_positions=bpos[:, cols],
-            q_segment_ids=None if q_seg is None else q_seg[:, rows],
-            kv_segment_ids=None if bseg is None else bseg[:, cols], dropout_rng=rng,
-            dropout_offsets=_offsets(plan, rank * n, src * m),
-        )  # fmt: skip
-
-        def full(x, axis, size, where):
-            x = x.astype(jnp.float32)
-            before = where.start or 0
-            after = size - before - x.shape[axis]
-            pad = [(0, 0)] * x.ndim
-            pad[axis] = (before, after)
-            return jnp.pad(x, pad) if before or after else x
-
-        dq = full(dq, 1, n, rows)
-        dk, dv = full(dk, 1, m, cols), full(dv, 1, m, cols)
-        if dbias is not None:
-            dbias = full(full(dbias, 2, n, rows), 3, m, cols)
-        return dq, dk, dv, dbias
+        bias_b = _bias_cols(bias, src * m, m)
+        total = None
+        for (r0, r1), (c0, c1), offsets in _pieces(plan, rows, cols, n, m, rank, src):
+            dq, dk, dv, dbias, _ = _run(
+                plan, "backward", q[:, r0:r1], bk[:, c0:c1], bv[:, c0:c1], o[:, r0:r1], lse[:, :, r0:r1],
+                do[:, r0:r1], dlse[:, :, r0:r1],
+                bias=None if bias is None else bias_b[:, :, r0:r1, c0:c1],
+                q_positions=q_pos[:, r0:r1], kv_positions=bpos[:, c0:c1],
+                q_segment_ids=None if q_seg is None else q_seg[:, r0:r1],
+                kv_segment_ids=None if bseg is None else bseg[:, c0:c1], dropout_rng=rng,
+                dropout_offsets=offsets,
+            )  # fmt: skip
+            f32 = jnp.float32
+            part = (
+                _pad(dq.astype(f32), r0, n - r1, 1),
+                _pad(dk.astype(f32), c0, m - c1, 1),
+                _pad(dv.astype(f32), c0, m - c1, 1),
+                None if dbias is None else _pad(_pad(dbias.astype(f32), r0, n - r1, 2), c0, m - c1, 3),
+            )
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        return total
 
     def no_work(blk):
         bk, bv = blk[0], blk[1]
@@ -361,31 +430,32 @@ def _ring_bwd(plan, residuals, cotangents):
     dq = jnp.zeros_like(q, dtype=jnp.float32)
     dbias = None if bias is None else jnp.zeros_like(bias, dtype=jnp.float32)
     acc = None  # (dk, dv) of the held block, travelling with it
-    everything, early, late = slice(None), slice(0, c), slice(c, None)
+    rows_all, rows_late = (0, n), (n // 2, n)
+    cols_all, cols_early, cols_late = (0, m), (0, m // 2), (m // 2, m)
     for t, src, blk in _ring_rounds(plan, (k, v, kv_pos, kv_seg)):
         if acc is not None:  # the previous block's accumulators follow it to this round's holder
             acc = _rotate(plan, acc)
         if plan.zigzag_pairs:
             if t == 0:
-                parts = [bwd(everything, early, blk, src), bwd(late, late, blk, src)]
+                parts = [bwd(rows_all, cols_early, blk, src), bwd(rows_late, cols_late, blk, src)]
             else:
                 parts = [
                     jax.lax.cond(
                         src < rank,
-                        lambda blk=blk, src=src: bwd(everything, early, blk, src),
-                        lambda blk=blk, src=src: bwd(late, everything, blk, src),
+                        lambda blk=blk, src=src: bwd(rows_all, cols_early, blk, src),
+                        lambda blk=blk, src=src: bwd(rows_late, cols_all, blk, src),
                     )
                 ]
         elif plan.skip_blocks:
             parts = [
                 jax.lax.cond(
                     _block_nonempty(plan, rank, src, n),
-                    lambda blk=blk, src=src: bwd(everything, everything, blk, src),
+                    lambda blk=blk, src=src: bwd(rows_all, cols_all, blk, src),
                     lambda blk=blk: no_work(blk),
                 )
             ]
         else:
-            parts = [bwd(everything, everything, blk, src)]
+            parts = [bwd(rows_all, cols_all, blk, src)]
         dk_t = sum(p[1] for p in parts)
         dv_t = sum(p[2] for p in parts)
         dq = dq + sum(p[0] for p in parts)
@@ -418,30 +488,49 @@ def _add_sinks(o, lse, sinks):
 # Per-device function (inside shard_map).
 
 
-def _static_positions(plan, b, T, S):
-    """The default positions of a whole [b, T] / [b, S] sequence in the layout's order, as numpy: a
-    backend then sees at trace time that they are the defaults (cudnn serves causal only then), as it
-    does under flash_attention. Only where a device holds every query or key (local, ulysses, the
+def _static_positions(plan, b, T, S, layout=None):
+    """The default positions of a whole [b, T] / [b, S] sequence in the layout's order (or `layout`'s), as
+    numpy: a backend then sees at trace time that they are the defaults (cudnn serves causal only then),
+    as it does under flash_attention. Only where a device holds every query or key (local, ulysses, the
     gathered keys of allgather) and the positions were derived without cu_seqlens."""
     q_pos = np.arange(S - T, S, dtype=np.int32)
     kv_pos = np.arange(S, dtype=np.int32)
-    if plan.layout == "zigzag":
+    if (layout or plan.layout) == "zigzag":
         order = zigzag_order(plan.num_seq)
         q_pos, kv_pos = (x.reshape(2 * plan.num_seq, -1)[order].reshape(-1) for x in (q_pos, kv_pos))
     return np.broadcast_to(q_pos, (b, T)), np.broadcast_to(kv_pos, (b, S))
 
 
+def _chunks_reordered(x, num_seq, axis, *, to_original):
+    """x's whole-sequence `axis` (2P chunks) from the zigzag order to the original one (to_original), or
+    back: a local permutation, no communication."""
+    if x is None:
+        return None
+    order = zigzag_order(num_seq)
+    if to_original:
+        order = np.argsort(order)
+    L = x.shape[axis]
+    chunks = x.reshape(*x.shape[:axis], 2 * num_seq, L // (2 * num_seq), *x.shape[axis + 1 :])
+    return jnp.take(chunks, jnp.asarray(order), axis=axis).reshape(x.shape)
+
+
 def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
     """(o, lse) with plan.return_lse, else o (lse is then not asked of the backend: cudnn serves
     o alone)."""
+    if plan.kv_replicated:
+        # k, v arrive with every kv head (replicated over the head axis) and this device's query heads all
+        # read one of them (Megatron's GQA rule): take it. Only that head enters the strategies below (the
+        # ring rotates it alone); its gradient, zero for the other heads, is summed over the head axis by
+        # shard_map's transpose of the replicated input.
+        g = jax.lax.axis_index(plan.head_axis) * plan.local_heads // plan.group
+        k, v = (jax.lax.dynamic_slice_in_dim(x, g, 1, axis=2) for x in (k, v))
 
-    def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, q_offset=0):
+    def attend(q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias=bias, q_offset=0, head_offset=0):
         return run_backends(
             plan.implementations, q, k, v, return_lse=plan.return_lse, options=plan.options, bias=bias,
             sinks=sinks,
             q_positions=q_pos, kv_positions=kv_pos, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-            dropout_rng=rng,
-            dropout_offsets=(jnp.int32(q_offset), jnp.int32(0)) if plan.dropout else None,
+            dropout_rng=rng, dropout_offsets=_offsets(plan, q_offset, 0, head_offset),
         )  # fmt: skip
 
     if plan.strategy == "local":
@@ -454,25 +543,56 @@ def _per_device(plan, q, k, v, q_pos, kv_pos, q_seg, kv_seg, bias, sinks, rng):
         return None if x is None else jax.lax.all_gather(x, axis, axis=1, tiled=True)
 
     num = plan.num_seq
-    if plan.strategy == "allgather":
-        rank = jax.lax.axis_index(axis)
+    rank = jax.lax.axis_index(axis)
+    b, n, m = q.shape[0], q.shape[1], k.shape[1]
+    # Dropout in the zigzag layout: the mask takes each call's token indices as one contiguous range
+    # (dropout_offsets), so whole sequences are put back in the original order around the call.
+    unzigzag = plan.dropout and plan.layout == "zigzag"
+
+    def original(x, axis=1):
+        return _chunks_reordered(x, num, axis, to_original=True) if unzigzag else x
+
+    def gathered_positions(q_too):
         if plan.static_positions:
-            kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])[1]
-        else:
-            kv_all = gather(kv_pos)
-        o, lse = attend(q, gather(k), gather(v), q_pos, kv_all, q_seg, gather(kv_seg), rank * q.shape[1])
+            return _static_positions(plan, b, num * n, num * m, "contiguous" if unzigzag else None)
+        return (original(gather(q_pos)) if q_too else None), original(gather(kv_pos))
+
+    if plan.strategy == "allgather":
+        kv_all = gathered_positions(q_too=False)[1]
+        k_all, v_all, kv_seg_all = (original(gather(x)) for x in (k, v, kv_seg))
+        if not unzigzag:
+            o, lse = attend(q, k_all, v_all, q_pos, kv_all, q_seg, kv_seg_all, q_offset=rank * n)
+            return _outputs(plan, o, lse)
+        # Keys in the original order; the two local query chunks (r and 2P-1-r) called apart.
+        bias = original(bias, 3)
+        c = n // 2
+        parts = [
+            attend(q[:, lo:hi], k_all, v_all, q_pos[:, lo:hi], kv_all,
+                   None if q_seg is None else q_seg[:, lo:hi], kv_seg_all,
+                   bias=None if bias is None else bias[:, :, lo:hi], q_offset=first)
+            for lo, hi, first in ((0, c, rank * c), (c, n, (2 * num - 1 - rank) * c))
+        ]  # fmt: skip
+        o = jnp.concatenate([p[0] for p in parts], axis=1)
+        lse = None if parts[0][1] is None else jnp.concatenate([p[1] for p in parts], axis=2)
         return _outputs(plan, o, lse)
     if plan.strategy == "ulysses":
         # [b, n, h, D] -> [b, T, h/P, D]: heads split over the sequence axis, the sequence gathered; the
-        # gathered positions say where each token really is (zigzag or not).
+        # gathered positions say where each token really is (zigzag or not). Rank s of the sequence axis
+        # takes the s-th of P head groups (tiled all_to_all), hence its dropout head offset.
         def to_heads(x):
             return jax.lax.all_to_all(x, axis, split_axis=2, concat_axis=1, tiled=True)
 
-        if plan.static_positions:
-            q_all, kv_all = _static_positions(plan, q.shape[0], num * q.shape[1], num * k.shape[1])
-        else:
-            q_all, kv_all = gather(q_pos), gather(kv_pos)
-        o, lse = attend(to_heads(q), to_heads(k), to_heads(v), q_all, kv_all, gather(q_seg), gather(kv_seg))
+        # A replicated kv head is the one kv head of every query head here: gathered, not split.
+        kv_heads = gather if plan.kv_replicated else to_heads
+        q_all, kv_all = gathered_positions(q_too=True)
+        qh, kh, vh = original(to_heads(q)), original(kv_heads(k)), original(kv_heads(v))
+        if unzigzag and bias is not None:
+            bias = original(original(bias, 2), 3)
+        o, lse = attend(qh, kh, vh, q_all, kv_all, original(gather(q_seg)), original(gather(kv_seg)),
+                        bias=bias, head_offset=rank * (q.shape[2] // num))  # fmt: skip
+        if unzigzag:  # back to the layout's order
+            o = _chunks_reordered(o, num, 1, to_original=False)
+            lse = None if lse is None else _chunks_reordered(lse, num, 2, to_original=False)
         o = jax.lax.all_to_all(o, axis, split_axis=1, concat_axis=2, tiled=True)  # [b, n, h, Dv]
         if plan.return_lse:
             lse = jax.lax.all_to_all(lse, axis, split_axis=2, concat_axis=1, tiled=True)  # [b, h, n]
@@ -564,7 +684,9 @@ def sharded_attention(
     in zigzag order, see `shardattn.meshes.to_zigzag`; default positions are then the zigzag-permuted
     global positions, and user-given positions / segment ids / bias must be reordered the same way).
     bias [Bb, Hb, T, S]: rows (T) sharded like q, all S columns on every device (ulysses: whole, heads
-    split); its gradient is exact.
+    split); its gradient is exact. num_kv_heads must divide by the head axis, or each device's query
+    heads must share one kv head (then k, v stay replicated over the head axis; see the module
+    docstring). Dropout works under every strategy, layout and sharding (the unsharded call's mask).
 
     >>> mesh = shardattn.meshes.make_mesh(seq=8)
     >>> o = sharded_attention(q, k, v, mesh=mesh, causal=True, strategy="ring")
@@ -594,7 +716,6 @@ def sharded_attention(
         ("seq (q)", T, chunks, axes.seq),
         ("seq (k, v)", S, chunks, axes.seq),
         ("num_heads (q)", H, num_heads, axes.heads),
-        ("num_kv_heads (k, v)", Hkv, num_heads, axes.heads),
     ):
         if size % shards:
             times = "2 x " if layout == "zigzag" and what.startswith("seq") else ""
@@ -602,32 +723,35 @@ def sharded_attention(
                 f"{what}={size} must be divisible by {times}the size of mesh axis {name!r}, {shards} "
                 "(pass that role's axis argument as () to leave it unsharded)"
             )
+    hl = H // num_heads
+    # kv heads that do not divide over the head axis: served when each device's hl query heads all read
+    # one kv head (group G = H / Hkv divisible by hl); k, v then stay replicated over the head axis.
+    kv_replicated = Hkv % num_heads != 0
+    if kv_replicated and (H // Hkv) % hl:
+        raise ValueError(
+            f"num_kv_heads (k, v)={Hkv} must be divisible by the size of mesh axis {axes.heads!r}, "
+            f"{num_heads}, or each device's num_heads / {num_heads} = {hl} query heads must share one kv "
+            f"head (num_heads / num_kv_heads = {H // Hkv} divisible by {hl})"
+        )
+    hkvl = 1 if kv_replicated else Hkv // num_heads
     itemsize = jnp.dtype(q.dtype).itemsize
-    local_q = (B // num_batch) * (T // num_seq) * (H // num_heads) * Dk * itemsize
-    local_kv = (B // num_batch) * (S // num_seq) * (Hkv // num_heads) * (Dk + Dv) * itemsize
+    local_q = (B // num_batch) * (T // num_seq) * hl * Dk * itemsize
+    local_kv = (B // num_batch) * (S // num_seq) * hkvl * (Dk + Dv) * itemsize
     strategy = choose_strategy(
-        strategy, num_seq=num_seq, H=H // num_heads, Hkv=Hkv // num_heads, has_bias=d.bias is not None,
-        q_bytes=local_q, kv_bytes=local_kv,
+        strategy, num_seq=num_seq, H=hl, Hkv=hkvl, has_bias=d.bias is not None, q_bytes=local_q,
+        kv_bytes=local_kv,
     )  # fmt: skip
     if num_seq == 1:
         strategy = "local"
     if strategy == "ulysses":
-        hl, hkvl = H // num_heads, Hkv // num_heads
-        if hl % num_seq or hkvl % num_seq:
+        # A replicated kv head is gathered over the sequence axis (every query head of the device reads
+        # it), not split: only the query heads need to divide then.
+        if hl % num_seq or (not kv_replicated and hkvl % num_seq):
+            kv = " (k, v replicated over the head axis: query heads only)" if kv_replicated else ""
             raise ValueError(
                 f"strategy='ulysses' needs the heads per device, num_heads={hl} and num_kv_heads={hkvl}, "
-                f"divisible by the size of the sequence axis {axes.seq!r}, {num_seq}"
+                f"divisible by the size of the sequence axis {axes.seq!r}, {num_seq}{kv}"
             )
-    if d.options.dropout_rate > 0:
-        why = None
-        if num_batch > 1 or num_heads > 1:
-            why = "the dropout mask hashes the batch and head index, which are local on a batch/head shard"
-        elif strategy == "ulysses":
-            why = "ulysses splits the heads, whose index the dropout mask hashes"
-        elif layout == "zigzag":
-            why = "the zigzag chunks are not one contiguous range of global token indices (dropout_offsets)"
-        if why:
-            raise NotImplementedError(f"dropout under sharded_attention(strategy={strategy!r}): {why}")
 
     q_pos, kv_pos = d.q_positions, d.kv_positions
     if layout == "zigzag" and d.derived_positions:
@@ -644,13 +768,15 @@ def sharded_attention(
         layout=layout, options=d.options, implementations=d.implementations, rounds=rounds, shift=shift,
         index_positions=index_positions, dropout=d.options.dropout_rate > 0,
         static_positions=d.derived_positions and not d.packed, return_lse=d.return_residuals,
+        local_batch=B // num_batch, local_heads=hl, kv_replicated=kv_replicated, group=H // Hkv,
     )  # fmt: skip
 
     bt = _entry(axes.batch)
     spec_q = P(bt, axes.seq, axes.heads, None)
     spec_pos = P(bt, axes.seq)
     heads_entry = _entry((axes.heads, axes.seq)) if strategy == "ulysses" else axes.heads
-    specs = [spec_q, spec_q, spec_q, spec_pos, spec_pos]
+    spec_kv = P(bt, axes.seq, None, None) if kv_replicated else spec_q
+    specs = [spec_q, spec_kv, spec_kv, spec_pos, spec_pos]
     args = [q, k, v, q_pos, kv_pos]
     present = []
     optional = [(q_seg, spec_pos), (kv_seg, spec_pos)]

@@ -102,14 +102,17 @@ def test_features(feature, dtype):
                             **kw)  # fmt: skip
 
 
+@pytest.mark.parametrize("offsets", [(1000, 77), (1000, 77, 6, 12)], ids=["q-kv", "q-kv-batch-head"])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
-def test_dropout_equals_reference_mask(dtype):
+def test_dropout_equals_reference_mask(dtype, offsets):
+    """The kernels' hash with global token offsets, and with batch and head offsets too (a batch/head
+    shard of sharded_attention passes them), equals the reference's mask."""
     B, T, S, H, D = 2, 300, 400, 4, 64
     q, k, v = inputs(B, T, S, H, 2, D, D, dtype, seed=4)
     qp, kp = positions(B, T, S)
     options = AttentionOptions(scale=D**-0.5, causal=True, dropout_rate=0.2)
     check_against_reference(q, k, v, q_positions=qp, kv_positions=kp, dropout_rng=jax.random.key(5),
-                            dropout_offsets=(jnp.int32(1000), jnp.int32(77)), options=options)  # fmt: skip
+                            dropout_offsets=tuple(map(jnp.int32, offsets)), options=options)  # fmt: skip
 
 
 @pytest.mark.parametrize("soft_cap", [None, 4.0], ids=["no-cap", "soft-cap"])

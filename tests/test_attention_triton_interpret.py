@@ -136,6 +136,29 @@ def test_dropout_reproduces_the_shared_mask():
            dropout_offsets=(jnp.int32(64), jnp.int32(-8)), options=options)  # fmt: skip
 
 
+def test_dropout_batch_and_head_offsets():
+    """dropout_offsets (q, kv, batch, head): a batch/head shard's kernels hash the global batch and head
+    indices (B2, GQA 4/2), equal to the reference with the same offsets and, for the whole-call check,
+    to the matching slice of an unsharded call's mask (offsets (0, 0, 1, 2) = batch row 1, heads 2-3)."""
+    B, T, S = 2, 32, 32
+    q, k, v = inputs(B, T, S, 4, 2, 16, 16, jnp.float32, seed=8)
+    qp, kp = positions(B, T, S)
+    options = AttentionOptions(scale=0.25, causal=True, dropout_rate=0.3)
+    rng = jax.random.key(12)
+    offsets = (jnp.int32(16), jnp.int32(-4), jnp.int32(3), jnp.int32(5))
+    _check(q, k, v, q_positions=qp, kv_positions=kp, dropout_rng=rng, dropout_offsets=offsets,
+           options=options)  # fmt: skip
+    # The slice [batch 1, heads 2:4] of the whole call, against that slice called alone with its offsets.
+    kw = dict(dropout_rng=rng, options=options, block_sizes=SMALL)
+    whole, _ = triton_attn.forward(q, k, v, q_positions=qp, kv_positions=kp, **kw)
+    shard = (q[1:, :, 2:], k[1:, :, 1:], v[1:, :, 1:])  # batch row 1, query heads 2, 3 (kv head 1)
+    shard_kw = dict(q_positions=qp[1:], kv_positions=kp[1:], **kw)
+    part, _ = triton_attn.forward(*shard, **shard_kw, dropout_offsets=(0, 0, 1, 2))
+    np.testing.assert_allclose(np.asarray(part), np.asarray(whole[1:, :, 2:]), rtol=1e-6, atol=1e-6)
+    unshifted, _ = triton_attn.forward(*shard, **shard_kw)
+    assert float(jnp.max(jnp.abs(unshifted - part))) > 0.1  # the offsets did change the mask
+
+
 def test_empty_rows_and_nan_at_unseen_keys():
     """Rows with nothing allowed: o = 0, lse = -inf, zero gradients; NaN in unseen keys reaches nothing."""
     B, T, S = 1, 40, 48

@@ -150,7 +150,8 @@ def collectives(hlo):
 # ----------------------------------------------------------------------------------------------------
 # The product: strategy x layout x feature combination, outputs and every gradient, and what moves.
 
-STRATEGY_LAYOUTS = [(s, lay) for s in ("ring", "allgather", "ulysses") for lay in ("contiguous", "zigzag")]
+LAYOUTS_ = ("contiguous", "zigzag")
+STRATEGY_LAYOUTS = [(s, lay) for s in ("ring", "allgather", "ulysses") for lay in LAYOUTS_]
 
 
 @pytest.mark.parametrize("feature", list(FEATURES))
@@ -233,6 +234,50 @@ def test_heads_and_sequence_together(strategy):
     assert_close("loss", got[0], want[0], tolerance(jnp.float32))
     for name, g, r in zip(("q", "k", "v", "bias", "sinks"), got[1], want[1], strict=True):
         assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather", "ulysses"])
+def test_kv_heads_replicated_over_the_head_axis(strategy):
+    """2 kv heads over 4 head shards (seq 2 x heads 4, H8/2): each shard's 2 query heads read one kv head,
+    so k, v stay replicated over the head axis and each device takes its head. Only that head moves (ring:
+    its blocks; allgather and ulysses: all-gathers of it), and shard_map's transpose sums dK/dV over the
+    head axis (one all-reduce): outputs and every gradient against the unsharded reference."""
+    mesh = make_mesh(seq=2, heads=4)
+    keys = jax.random.split(jax.random.PRNGKey(13), 5)
+    q = jax.random.normal(keys[0], (B, T, 8, D))
+    k, v = (jax.random.normal(kk, (B, T, 2, D)) for kk in keys[1:3])
+    sinks = jax.random.normal(keys[3], (8,))
+    w = jax.random.normal(keys[4], q.shape)
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+
+    def loss(attend, **kw):
+        def f(q, k, v, sinks):
+            o = attend(q, k, v, sinks=sinks, causal=True, q_segment_ids=seg, kv_segment_ids=seg, **kw)
+            return jnp.sum(o * w), o
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3), has_aux=True))
+
+    ours = functools.partial(sharded_attention, mesh=mesh, strategy=strategy, implementation="xla")
+    compiled = loss(ours).lower(q, k, v, sinks).compile()
+    got, o = compiled(q, k, v, sinks)
+    want, o_ref = loss(flash_attention, implementation="reference")(q, k, v, sinks)
+    errors = {"o": assert_close("o", o, o_ref, tolerance(jnp.float32))}
+    for name, g, r in zip(("q", "k", "v", "sinks"), got, want, strict=True):
+        errors["d" + name] = assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+    print(f"\nreplicated kv {strategy}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()), end="")
+
+    ops = {op: collections.Counter(x.split("{")[0].lstrip("(") for x in shapes)
+           for op, shapes in collectives(compiled.as_text()).items()}  # fmt: skip
+    n = T // 2
+    one_head, ids = f"f32[{B},{n},1,{D}]", f"s32[{B},{n}]"
+    assert ops["all-reduce"][f"f32[{B},{n},2,{D}]"] >= 1, ops  # dK, dV summed over the head axis
+    if strategy == "ring":
+        assert set(ops) == {"collective-permute", "all-reduce"}, ops
+        assert set(ops["collective-permute"]) == {one_head, ids}, ops  # never q, never both kv heads
+    else:  # the one kv head gathered over the sequence (ulysses too: it serves all the query heads)
+        assert ops["all-gather"][f"f32[{B},{T},1,{D}]"] == 2, ops
+        assert ops["reduce-scatter"][one_head] == 2, ops  # its transpose: dK, dV
+        assert ("all-to-all" in ops) == (strategy == "ulysses"), ops
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,29 +448,76 @@ def test_eager_on_an_explicit_mesh():
     assert_close("dq", dq, jax.grad(loss(flash_attention))(x["q"]), tolerance(jnp.float32, grad=True))
 
 
-@pytest.mark.parametrize("strategy", ["allgather", "ring"])
-def test_dropout_draws_the_unsharded_mask(strategy):
-    """dropout_offsets carry the global token indices, so each shard draws its part of the same mask:
-    the xla backend on 8 shards (the ring through its own halves) against the unsharded reference."""
-    mesh = make_mesh(data=1, seq=8)
-    x, (w, _) = inputs(batch=1)
-    kw = dict(causal=True, dropout_rate=0.3, dropout_rng=jax.random.PRNGKey(7))
+# Dropout under every sharding: the mask hashes global batch, head and token indices (dropout_offsets
+# (q, kv, batch, head) from axis_index; zigzag chunks called apart or put back in order), so every
+# sharding draws the unsharded call's mask. The xla backend's dropout is exact: the sharded result equals
+# the unsharded xla call up to float32 reordering (sequence shards merge partials).
+DROPOUT_TOL = 2e-6  # relative RMS, outputs; gradients 2x (a wrong keep mask gives errors of order 1)
+DROPOUT_FEATURES = {
+    "causal": dict(causal=True),
+    "window": dict(sliding_window=(6, 2)),  # not causal: the zigzag ring's non-pair path
+}
 
-    def loss(attend, impl):
-        def f(q, k, v):
-            o = attend(q, k, v, implementation=impl, **kw)
-            return jnp.sum(o * w[:1]), o
 
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+def _dropout_grad(attend, feature, seg, w_o, w_lse):
+    """jit(grad) of <o, w_o> + <lse, w_lse> in q, k, v, bias, sinks, with (o, lse) as aux."""
+    kw = dict(dropout_rate=0.3, dropout_rng=jax.random.key(21), implementation="xla",
+              return_residuals=True, **DROPOUT_FEATURES[feature])  # fmt: skip
 
-    ours = functools.partial(sharded_attention, mesh=mesh, strategy=strategy)
-    got, o = loss(ours, "xla")(x["q"], x["k"], x["v"])
-    want, o_ref = loss(flash_attention, "reference")(x["q"], x["k"], x["v"])
-    assert_close("o", o, o_ref, tolerance(jnp.float32))
-    for name, g, r in zip("qkv", got, want, strict=True):
-        assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
-    no_dropout = flash_attention(x["q"], x["k"], x["v"], causal=True, implementation="reference")
-    assert float(jnp.max(jnp.abs(o_ref - no_dropout))) > 0.1  # dropout did act
+    def f(q, k, v, bias, sinks):
+        o, lse = attend(q, k, v, bias=bias, sinks=sinks, q_segment_ids=seg, kv_segment_ids=seg, **kw)
+        return jnp.sum(o * w_o) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse), (o, lse)
+
+    return jax.jit(jax.grad(f, argnums=tuple(range(5)), has_aux=True))
+
+
+@functools.cache
+def _unsharded_dropout(feature, heads, kv_heads):
+    x, w = inputs(heads, kv_heads, seed=9)
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    grads, (o, lse) = _dropout_grad(flash_attention, feature, seg, *w)(*(x[n] for n in x))
+    return o, lse, grads
+
+
+@pytest.mark.parametrize(
+    "strategy,layout,feature,mesh_shape",
+    [
+        *[(s, lay, "causal", (2, 2, 2)) for s in ("ring", "allgather", "ulysses") for lay in LAYOUTS_],
+        ("ring", "zigzag", "window", (2, 2, 2)),
+        ("local", "contiguous", "causal", (2, 1, 4)),  # batch x heads only, kv heads replicated
+    ],
+    ids=lambda x: "x".join(map(str, x)) if isinstance(x, tuple) else x,
+)
+def test_dropout_under_every_sharding(strategy, layout, feature, mesh_shape):
+    """Dropout with causal or window, bias, sinks and segments crossing shards, on batch x seq x heads
+    (2 x 2 x 2, H8/4; and 2 x 1 x 4 without a sequence axis, H8/2: the 2 kv heads do not divide over 4
+    and stay replicated): o, lse and every gradient equal the unsharded xla call with the same rng."""
+    heads, kv_heads = 8, 2 if strategy == "local" else 4
+    mesh = make_mesh(data=mesh_shape[0], seq=mesh_shape[1], heads=mesh_shape[2])
+    x, w = inputs(heads, kv_heads, seed=9)
+    args = [x[n] for n in x]  # q, k, v, bias, sinks
+    seg = jnp.asarray(SEGMENTS, jnp.int32)
+    attend = functools.partial(sharded_attention, mesh=mesh, layout=layout,
+                               strategy="auto" if strategy == "local" else strategy)  # fmt: skip
+    if layout == "zigzag":  # reordered at "data loading", outside the compiled program
+        zz = functools.partial(_reorder, mesh, to_zigzag)
+        seq_axes = [(1,), (1,), (1,), (2, 3), ()]
+        args = [zz(a, axes=ax) for a, ax in zip(args, seq_axes, strict=True)]
+        grads, (o, lse) = _dropout_grad(attend, feature, zz(seg, axes=(1,)), zz(w[0], axes=(1,)),
+                                        zz(w[1], axes=(2,)))(*args)  # fmt: skip
+        o, lse = from_zigzag(o, mesh), from_zigzag(lse, mesh, axis=2)
+        grads = [_reorder(mesh, from_zigzag, g, ax) for g, ax in zip(grads, seq_axes, strict=True)]
+    else:
+        grads, (o, lse) = _dropout_grad(attend, feature, seg, *w)(*args)
+    o_ref, lse_ref, g_ref = _unsharded_dropout(feature, heads, kv_heads)
+    errors = {"o": assert_close("o", o, o_ref, DROPOUT_TOL)}
+    finite = np.isfinite(np.asarray(lse_ref))
+    assert np.array_equal(np.isfinite(np.asarray(lse)), finite)
+    errors["lse"] = assert_close("lse", np.where(finite, lse, 0), np.where(finite, lse_ref, 0), DROPOUT_TOL)
+    for name, g, r in zip(("q", "k", "v", "bias", "sinks"), grads, g_ref, strict=True):
+        errors["d" + name] = assert_close("d" + name, g, r, 2 * DROPOUT_TOL)
+    print(f"\ndropout {strategy} {layout} {feature}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items()),
+          end="")  # fmt: skip
 
 
 def test_bf16_zigzag_ring():
@@ -486,21 +578,22 @@ def test_auto_rule():
             r"strategy='ulysses' needs the heads per device, num_heads=4 "
             r"and num_kv_heads=2, divisible by the size of the sequence axis 'seq', 4",
         ),
-        (
-            dict(mesh_heads=True, Hkv=1),
+        (  # 3 kv heads over 2 head shards, each shard's 3 query heads in two groups of 2: not served
+            dict(mesh_heads=True, H=6, Hkv=3),
             ValueError,
-            r"num_kv_heads \(k, v\)=1 must be divisible by the size of "
-            r"mesh axis 'heads', 2",
+            r"num_kv_heads \(k, v\)=3 must be divisible by the size of mesh axis 'heads', 2, or each "
+            r"device's num_heads / 2 = 3 query heads must share one kv head",
+        ),
+        (  # replicated kv head (MQA over 2 head shards): ulysses still splits the 1 query head per device
+            dict(mesh_heads=True, H=2, Hkv=1, strategy="ulysses"),
+            ValueError,
+            r"strategy='ulysses' needs the heads per device, num_heads=1 and num_kv_heads=1, divisible by "
+            r"the size of the sequence axis 'seq', 2 \(k, v replicated over the head axis: query heads "
+            r"only\)",
         ),
         (dict(causal="yes"), TypeError, r"causal must be a bool"),
         (dict(sliding_window=-1), ValueError, r"sliding_window left=-1 must be in"),
         (dict(unknown=1), TypeError, r"unexpected keyword arguments \['unknown'\]"),
-        (
-            dict(dropout=True, strategy="ulysses", H=8, Hkv=4),
-            NotImplementedError,
-            r"ulysses splits the heads",
-        ),
-        (dict(dropout=True, layout="zigzag"), NotImplementedError, r"zigzag chunks are not one contiguous"),
     ],
     ids=lambda x: str(x) if isinstance(x, dict) else "",
 )
@@ -509,10 +602,6 @@ def test_bad_input(kwargs, exc, match):
     shape = dict(B=kw.pop("B", 2), T=kw.pop("T", 32), H=kw.pop("H", 4), Hkv=kw.pop("Hkv", 2))
     mesh = make_mesh(data=2, seq=2, heads=2) if kw.pop("mesh_heads", False) else make_mesh(data=2, seq=4)
     mesh = kw.pop("mesh", mesh)
-    if kw.pop("dropout", False):
-        kw.update(dropout_rate=0.1, dropout_rng=jax.random.PRNGKey(0))
-        mesh = make_mesh(data=1, seq=4, devices=jax.devices()[:4])
-        shape["B"] = 1
     q = jnp.zeros((shape["B"], shape["T"], shape["H"], 8))
     k = jnp.zeros((shape["B"], shape["T"], shape["Hkv"], 8))
     with pytest.raises(exc, match=match):

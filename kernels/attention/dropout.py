@@ -1,9 +1,10 @@
 """The dropout keep mask of softmax attention: a pure function of integers, shared by every backend.
 
-keep(b, h, i, j) depends only on (rng, batch index b, query head index h, global query token index i,
-global key token index j), through a cheap counter-based integer hash, so that a blockwise XLA loop, a
-Triton kernel and a sharded ring (each holding a different slice of i and j, with `dropout_offsets`
-saying where it starts) all draw the same mask. Nothing here is stateful or sequential.
+keep(b, h, i, j) depends only on (rng, global batch index b, global query head index h, global query
+token index i, global key token index j), through a cheap counter-based integer hash, so that a blockwise
+XLA loop, a Triton kernel and a sharded call (each holding a different slice of b, h, i and j, with
+`dropout_offsets` saying where it starts: `offsets` below) all draw the same mask. Nothing here is
+stateful or sequential.
 
 The mixing step is the "lowbias32" 32-bit integer finaliser from Chris Wellons' hash-prospector search
 (xorshift-multiply, two rounds). Per (row, key) pair it costs one XOR and one finaliser: the row part
@@ -36,6 +37,25 @@ def seed_words(rng):
     for w in range(words.shape[0]):  # 2 words for threefry, 4 for rbg: static
         s0 = mix(s0 ^ words[w])
     return s0, mix(s0 ^ _KEY_SALT)
+
+
+def offsets(dropout_offsets):
+    """dropout_offsets -> (q_offset, kv_offset, batch_offset, head_offset), four int32 scalars.
+
+    Accepts None (all 0), (q_offset, kv_offset) or (q_offset, kv_offset, batch_offset, head_offset):
+    global index = local index + offset, for the query token, key token, batch and query head indices
+    (a sequence shard, a ring block, a batch shard and a head shard each pass where their slice starts).
+    Every backend reads the offsets through this function.
+    """
+    if dropout_offsets is None:
+        dropout_offsets = (0, 0)
+    if len(dropout_offsets) not in (2, 4):
+        raise ValueError(
+            "dropout_offsets must be (q_offset, kv_offset) or (q_offset, kv_offset, batch_offset, "
+            f"head_offset), got {len(dropout_offsets)} entries"
+        )
+    full = tuple(dropout_offsets) if len(dropout_offsets) == 4 else (*dropout_offsets, 0, 0)
+    return tuple(jnp.asarray(x, jnp.int32) for x in full)
 
 
 def threshold(rate: float) -> np.uint32:

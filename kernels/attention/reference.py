@@ -13,9 +13,11 @@ Per batch b, query head h (key/value head g = h // (H // Hkv)), query i and key 
 - A row with nothing allowed and no sinks: o_i = 0, lse_i = -inf, and zero gradients (never NaN).
 - A key that no query of its batch row may see is replaced by zeros before any product, so NaN or inf
   stored there (padding, an unused cache slot) reaches no output and no gradient.
-- keep_ij comes from dropout.keep_mask(seed_words(dropout_rng), b, h, i + q_offset, j + kv_offset, rate)
-  with dropout_offsets = (q_offset, kv_offset) (default (0, 0)): global token indices, so a shard of the
-  sequence draws its part of the same mask. lse is the un-dropped log-sum-exp.
+- keep_ij comes from dropout.keep_mask(seed_words(dropout_rng), b + batch_offset, h + head_offset,
+  i + q_offset, j + kv_offset, rate) with dropout_offsets = (q_offset, kv_offset) or (q_offset, kv_offset,
+  batch_offset, head_offset) (int32 scalars; absent ones 0; read through dropout.offsets): global batch,
+  query head and token indices, so a shard of the batch, the heads or the sequence draws its part of the
+  same mask. lse is the un-dropped log-sum-exp.
 
 Every backend in this folder has this module's signature:
 
@@ -25,7 +27,8 @@ Every backend in this folder has this module's signature:
         bias: [Bb, Hb, T, S] float, Bb in {1, B}, Hb in {1, H}     sinks: [H, n] float32 logits
         q_segment_ids: [B, T] int32, kv_segment_ids: [B, S] int32 (both or neither)
         q_positions: [B, T] int32, kv_positions: [B, S] int32 (always given; the API layer derives defaults)
-        dropout_rng: PRNG key (when options.dropout_rate > 0)   dropout_offsets: (int32, int32) scalars
+        dropout_rng: PRNG key (when options.dropout_rate > 0)
+        dropout_offsets: None, (q_offset, kv_offset) or (q_offset, kv_offset, batch_offset, head_offset)
         options: AttentionOptions (static)
         returns (o [B, T, H, Dv] in q.dtype, lse [B, H, T] float32), differentiable in q, k, v, bias and
         sinks, with lse's cotangent honoured.
@@ -106,11 +109,11 @@ def attention(
     lse = jnp.where(nonempty, m + jnp.log(denom), -jnp.inf)
 
     if options.dropout_rate > 0:
-        q_off, kv_off = (0, 0) if dropout_offsets is None else dropout_offsets
+        q_off, kv_off, b_off, h_off = dropout.offsets(dropout_offsets)
         keep = dropout.keep_mask(
             dropout.seed_words(dropout_rng),
-            jnp.arange(B)[:, None, None, None],
-            jnp.arange(H)[None, :, None, None],
+            (jnp.arange(B) + b_off)[:, None, None, None],
+            (jnp.arange(H) + h_off)[None, :, None, None],
             (jnp.arange(T) + q_off)[None, None, :, None],
             (jnp.arange(S) + kv_off)[None, None, None, :],
             options.dropout_rate,

@@ -24,13 +24,12 @@ window of W over T keys costs about W / T of full attention; arbitrary positions
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from shardattn.kernels.attention import dropout
+from shardattn.kernels.attention import dropout, halves
 from shardattn.kernels.attention.options import AttentionOptions
 from shardattn.kernels.lightning.varying import match_varying
 
@@ -275,16 +274,14 @@ def _side_inputs(q_segment_ids, kv_segment_ids, q_positions, kv_positions, bias,
     kvseg = dummy_i if kv_segment_ids is None else jnp.asarray(kv_segment_ids, jnp.int32)
     bias_arg = jnp.zeros((1,), jnp.float32) if bias is None else bias
     if options.dropout_rate > 0:
-        # [5] uint32: the two seed words, the keep threshold, the global offsets (int32 bits).
+        # [7] uint32: the two seed words, the keep threshold, the global offsets (q, kv, batch, head;
+        # int32 bits, added modulo 2^32 in the kernels as dropout.keep_mask's uint32 casts do).
         s0, s1 = dropout.seed_words(dropout_rng)
-        q_off, kv_off = (0, 0) if dropout_offsets is None else dropout_offsets
-        offs = jax.lax.bitcast_convert_type(
-            jnp.stack([jnp.asarray(q_off, jnp.int32), jnp.asarray(kv_off, jnp.int32)]), jnp.uint32
-        )
+        offs = jax.lax.bitcast_convert_type(jnp.stack(dropout.offsets(dropout_offsets)), jnp.uint32)
         drop = jnp.concatenate([jnp.stack([s0, s1, jnp.uint32(dropout.threshold(options.dropout_rate))]),
                                 offs])  # fmt: skip
     else:
-        drop = jnp.zeros((5,), jnp.uint32)
+        drop = jnp.zeros((7,), jnp.uint32)
     return qpos, kvpos, qseg, kvseg, bias_arg, drop
 
 
@@ -440,31 +437,7 @@ def backward(
 
 # --------------------------------------------------------------------------------------- custom_vjp
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(options, blocks, q, k, v, bias, sinks, ints, dropout_rng):
-    q_seg, kv_seg, q_pos, kv_pos, offsets = ints
-    return _forward(q, k, v, bias, sinks, q_seg, kv_seg, q_pos, kv_pos, dropout_rng, offsets, options, blocks)
-
-
-def _attention_fwd(options, blocks, q, k, v, bias, sinks, ints, dropout_rng):
-    o, lse = _attention(options, blocks, q, k, v, bias, sinks, ints, dropout_rng)
-    return (o, lse), (q, k, v, bias, sinks, ints, dropout_rng, o, lse)
-
-
-def _attention_bwd(options, blocks, residuals, cotangents):
-    q, k, v, bias, sinks, ints, dropout_rng, o, lse = residuals
-    do, dlse = cotangents
-    q_seg, kv_seg, q_pos, kv_pos, offsets = ints
-    dq, dk, dv, dbias, dsinks = _backward(
-        q, k, v, o, lse, do.astype(q.dtype), dlse, bias, sinks, q_seg, kv_seg, q_pos, kv_pos, dropout_rng,
-        offsets, options, blocks,
-    )  # fmt: skip
-    no_grad = jax.tree.map(lambda _: None, ints)  # integer inputs and the rng have no cotangent
-    return dq, dk, dv, dbias, dsinks, no_grad, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = halves.differentiable(forward, backward)
 
 
 def attention(
@@ -483,17 +456,18 @@ def attention(
     options: AttentionOptions,
     block_sizes: BlockSizes | None = None,
 ):
-    """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py.
+    """Differentiable (o, lse): the custom_vjp of `forward` and `backward` (halves.py). See reference.py.
 
     q: [B, T, H, Dk], k: [B, S, Hkv, Dk], v: [B, S, Hkv, Dv]; keywords as reference.py.
 
     >>> o, lse = attention(q, k, v, q_positions=qp, kv_positions=kp, options=AttentionOptions(scale=0.125))
     """
-    _check_platform()
+    _check_platform()  # here, so that an unservable call raises before any tracing of the custom_vjp
     _check_call(q, k, v, bias)
-    # Replicated sinks vary like q inside shard_map; autodiff of this cast psums their per-shard gradients.
-    if sinks is not None:
-        sinks = match_varying(sinks.astype(jnp.float32), q)
-    ints = (q_segment_ids, kv_segment_ids, jnp.asarray(q_positions, jnp.int32),
-            jnp.asarray(kv_positions, jnp.int32), dropout_offsets)  # fmt: skip
-    return _attention(options, _resolve(q, v, block_sizes), q, k, v, bias, sinks, ints, dropout_rng)
+    return _attention(
+        q, k, v, bias=bias, sinks=None if sinks is None else sinks.astype(jnp.float32),
+        q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_positions=jnp.asarray(q_positions, jnp.int32), kv_positions=jnp.asarray(kv_positions, jnp.int32),
+        dropout_rng=dropout_rng, dropout_offsets=dropout_offsets, options=options,
+        block_sizes=_resolve(q, v, block_sizes),
+    )  # fmt: skip

@@ -26,7 +26,7 @@ that no row of a block may see are zeroed before a product (v in the forward, k 
 there (padding, an unused cache slot) reaches no output.
 
 Dropout reproduces kernels/attention/dropout.py bit for bit (the same uint32 xor-shift-multiply steps):
-keep(b, h, i, j) = mix(row(b, h, i) ^ key(j)) >= threshold, with global token indices.
+keep(b, h, i, j) = mix(row(b, h, i) ^ key(j)) >= threshold, with global batch, head and token indices.
 """
 
 import triton
@@ -76,11 +76,14 @@ def _mix(x):
 
 @triton.jit
 def _row_hash(drop_ptr, b, h, offs_q):
-    # dropout.keep_mask's row part for batch b, head h, local query indices offs_q: [BQ] uint32.
+    # dropout.keep_mask's row part for local batch b, local head h, local query indices offs_q: [BQ]
+    # uint32; the global indices add the offsets drop[3] (query), drop[5] (batch), drop[6] (head).
     s0 = tl.load(drop_ptr).to(tl.uint32)  # (the cast keeps uint32 maths whatever the pointer's type)
     q_off = tl.load(drop_ptr + 3).to(tl.uint32)
-    row = _mix(s0 ^ b.to(tl.uint32))
-    row = _mix(row ^ (h.to(tl.uint32) + 0x9E3779B9))
+    b_off = tl.load(drop_ptr + 5).to(tl.uint32)
+    h_off = tl.load(drop_ptr + 6).to(tl.uint32)
+    row = _mix(s0 ^ (b.to(tl.uint32) + b_off))
+    row = _mix(row ^ ((h.to(tl.uint32) + h_off) + 0x9E3779B9))
     return _mix(row ^ (offs_q.to(tl.uint32) + q_off))
 
 
@@ -227,8 +230,8 @@ def fwd_kernel(
     BSINK: tl.constexpr, DROPOUT: tl.constexpr, DROP_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     # grid (NQ, B * H): one program per (query block, batch, query head).
-    # ranges: [B, NQ, 4] int32 (lo, flo, fhi, hi) key blocks; drop: [5] uint32 (s0, s1, threshold,
-    # q_offset, kv_offset) with DROPOUT.
+    # ranges: [B, NQ, 4] int32 (lo, flo, fhi, hi) key blocks; drop: [7] uint32 (s0, s1, threshold,
+    # q_offset, kv_offset, batch_offset, head_offset) with DROPOUT.
     # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
     # starting them first shortens the tail of the grid.
     i = NQ - 1 - tl.program_id(0)

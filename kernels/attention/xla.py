@@ -21,14 +21,12 @@ float32 accumulators carried through both loops.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 
-from shardattn.kernels.attention import dropout
+from shardattn.kernels.attention import dropout, halves
 from shardattn.kernels.attention.options import MASK_VALUE, AttentionOptions, allowed
-from shardattn.kernels.lightning.varying import match_varying
 
 _INT_MAX = jnp.iinfo(jnp.int32).max
 _INT_MIN = jnp.iinfo(jnp.int32).min
@@ -214,12 +212,14 @@ def _block_logits(qb, kb, bias_blk, mask, options):
     return jnp.where(mask, s, MASK_VALUE), t
 
 
-def _keep(seed, i, j, q_off, kv_off, options, L: _Layout):
-    """Dropout keep mask [B, Hkv, G, bq, bk] of block pair (i, j), from global token indices."""
+def _keep(drop, i, j, options, L: _Layout):
+    """Dropout keep mask [B, Hkv, G, bq, bk] of block pair (i, j), from global batch, head and token
+    indices. drop: _dropout_setup's (seed, q_off, kv_off, b_off, h_off)."""
+    seed, q_off, kv_off, b_off, h_off = drop
     return dropout.keep_mask(
         seed,
-        jnp.arange(L.B)[:, None, None, None, None],
-        jnp.arange(L.Hkv * L.G).reshape(1, L.Hkv, L.G, 1, 1),
+        (jnp.arange(L.B) + b_off)[:, None, None, None, None],
+        (jnp.arange(L.Hkv * L.G) + h_off).reshape(1, L.Hkv, L.G, 1, 1),
         (i * L.bq + jnp.arange(L.bq) + q_off)[:, None],
         j * L.bk + jnp.arange(L.bk) + kv_off,
         options.dropout_rate,
@@ -233,10 +233,15 @@ def _unseen_to_zero(x, mask):
 
 
 def _dropout_setup(dropout_rng, dropout_offsets, options):
+    """None without dropout, else (seed words, q_off, kv_off, b_off, h_off) (int32 offsets)."""
     if options.dropout_rate == 0:
-        return None, 0, 0
-    q_off, kv_off = (0, 0) if dropout_offsets is None else dropout_offsets
-    return dropout.seed_words(dropout_rng), jnp.asarray(q_off, jnp.int32), jnp.asarray(kv_off, jnp.int32)
+        return None
+    return (dropout.seed_words(dropout_rng), *dropout.offsets(dropout_offsets))
+
+
+def _drop_arrays(drop):
+    """The arrays of _dropout_setup's result (one seed word and the offsets), for _zero_like_inputs."""
+    return () if drop is None else (drop[0][0], *drop[1:])
 
 
 def _zero_like_inputs(*arrays):
@@ -277,10 +282,10 @@ def forward(
     blocks, keys = _prepare(
         q, k, v, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions, options, L
     )
-    seed, q_off, kv_off = _dropout_setup(dropout_rng, dropout_offsets, options)
+    drop = _dropout_setup(dropout_rng, dropout_offsets, options)
     f32 = jnp.float32
     zero = _zero_like_inputs(q, k, v, bias, sinks, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
-                             *(() if seed is None else (seed[0], q_off, kv_off)))  # fmt: skip
+                             *_drop_arrays(drop))  # fmt: skip
 
     def query_block(_, blk):
         i = blk["i"]
@@ -294,8 +299,8 @@ def forward(
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             alpha = jnp.exp(m - m_new)
             den = alpha * den + jnp.sum(p, axis=-1)
-            if seed is not None:
-                keep = _keep(seed, i, j, q_off, kv_off, options, L)
+            if drop is not None:
+                keep = _keep(drop, i, j, options, L)
                 p = jnp.where(keep, p * (1.0 / (1.0 - options.dropout_rate)), 0.0)
             vb = _unseen_to_zero(kb["v"], mask)
             pv = jnp.einsum(
@@ -366,7 +371,7 @@ def backward(
     blocks, keys = _prepare(
         q, k, v, bias, q_segment_ids, kv_segment_ids, q_positions, kv_positions, options, L
     )
-    seed, q_off, kv_off = _dropout_setup(dropout_rng, dropout_offsets, options)
+    drop = _dropout_setup(dropout_rng, dropout_offsets, options)
 
     lse = lse.astype(f32)
     delta = jnp.swapaxes(jnp.sum(do.astype(f32) * o.astype(f32), axis=-1), 1, 2)  # D_i: [B, H, T]
@@ -396,8 +401,8 @@ def backward(
             kc = _unseen_to_zero(kb["k"], mask)
             dp = jnp.einsum("bqhgd,bkhd->bhgqk", dob, vb, preferred_element_type=f32, precision=precision)
             pz = p
-            if seed is not None:
-                keep = _keep(seed, i, j, q_off, kv_off, options, L)
+            if drop is not None:
+                keep = _keep(drop, i, j, options, L)
                 inv = 1.0 / (1.0 - options.dropout_rate)
                 pz = jnp.where(keep, p * inv, 0.0)
                 dp = jnp.where(keep, dp * inv, 0.0)
@@ -406,9 +411,10 @@ def backward(
             )
             ds = p * (dp - blk["row_term"][..., None])  # d(logits after cap and bias)
             if dbias_acc is not None:
-                hb, bb = keys["bias"].shape[1], keys["bias"].shape[0]
-                db = ds if hb > 1 else jnp.sum(ds, axis=(1, 2), keepdims=True)
-                db = db if bb > 1 else jnp.sum(db, axis=0, keepdims=True)
+                # From the bias as given [Bb, Hb, T, S]: its blocked view [Bb, Hkv, G, ...] has a size-1
+                # head dim for MQA (Hkv = 1) even when Hb = H.
+                db = ds if bias.shape[1] > 1 else jnp.sum(ds, axis=(1, 2), keepdims=True)
+                db = db if bias.shape[0] > 1 else jnp.sum(db, axis=0, keepdims=True)
                 dbias_acc = jax.lax.dynamic_update_slice(dbias_acc, db, (0, 0, 0, i * L.bq, j * L.bk))
             if t is not None:
                 ds = ds * (1.0 - t * t)
@@ -428,9 +434,8 @@ def backward(
         return tuple(carry), dq
 
     Sp = L.nk * L.bk
-    seeds = () if seed is None else (seed[0], q_off, kv_off)
     zero = _zero_like_inputs(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_ids,
-                             q_positions, kv_positions, *seeds)  # fmt: skip
+                             q_positions, kv_positions, *_drop_arrays(drop))  # fmt: skip
     dbias0 = None if bias is None else jnp.zeros(keys["bias"].shape, f32) + zero
     carry = (jnp.zeros((B, Sp, L.Hkv, Dk), f32) + zero, jnp.zeros((B, Sp, L.Hkv, Dv), f32) + zero, dbias0)
     (dk, dv, dbias), dq = jax.lax.scan(query_block, carry, blocks)
@@ -455,45 +460,7 @@ def backward(
 
 # --------------------------------------------------------------------------------------- custom_vjp
 
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng):
-    return forward(
-        q, k, v, **_keywords(bias, sinks, ints, dropout_rng), options=options, block_sizes=block_sizes
-    )
-
-
-def _keywords(bias, sinks, ints, dropout_rng):
-    q_seg, kv_seg, q_pos, kv_pos, offsets = ints
-    return dict(
-        bias=bias,
-        sinks=sinks,
-        q_segment_ids=q_seg,
-        kv_segment_ids=kv_seg,
-        q_positions=q_pos,
-        kv_positions=kv_pos,
-        dropout_rng=dropout_rng,
-        dropout_offsets=offsets,
-    )
-
-
-def _attention_fwd(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng):
-    o, lse = _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
-    return (o, lse), (q, k, v, bias, sinks, ints, dropout_rng, o, lse)
-
-
-def _attention_bwd(options, block_sizes, residuals, cotangents):
-    q, k, v, bias, sinks, ints, dropout_rng, o, lse = residuals
-    do, dlse = cotangents
-    dq, dk, dv, dbias, dsinks = backward(
-        q, k, v, o, lse, do.astype(q.dtype), dlse,
-        **_keywords(bias, sinks, ints, dropout_rng), options=options, block_sizes=block_sizes,
-    )  # fmt: skip
-    no_grad = jax.tree.map(lambda _: None, ints)  # integer inputs and the rng have no cotangent
-    return dq, dk, dv, dbias, dsinks, no_grad, None
-
-
-_attention.defvjp(_attention_fwd, _attention_bwd)
+_attention = halves.differentiable(forward, backward)
 
 
 def attention(
@@ -512,13 +479,9 @@ def attention(
     options: AttentionOptions,
     block_sizes: BlockSizes | None = None,
 ):
-    """Differentiable (o, lse): the custom_vjp of `forward` and `backward`. See reference.py."""
-    ints = (q_segment_ids, kv_segment_ids, q_positions, kv_positions, dropout_offsets)
-    # Inside shard_map, a replicated input (sinks, a shared bias) gets a per-shard cotangent from the
-    # backward: cast it to vary like the rest, so that autodiff of the cast sums those (a psum).
-    # Outside shard_map this is a no-op.
-    diff = [x for x in (q, k, v, bias, sinks) if x is not None]
-    q, k, v = (match_varying(x, *diff) for x in (q, k, v))
-    bias = None if bias is None else match_varying(bias, *diff)
-    sinks = None if sinks is None else match_varying(sinks, *diff)
-    return _attention(options, block_sizes, q, k, v, bias, sinks, ints, dropout_rng)
+    """Differentiable (o, lse): the custom_vjp of `forward` and `backward` (halves.py). See reference.py."""
+    return _attention(
+        q, k, v, bias=bias, sinks=sinks, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        q_positions=q_positions, kv_positions=kv_positions, dropout_rng=dropout_rng,
+        dropout_offsets=dropout_offsets, options=options, block_sizes=block_sizes,
+    )  # fmt: skip
