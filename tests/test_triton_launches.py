@@ -1,0 +1,81 @@
+"""The Triton lightning backend's shared launches, checked on any machine (no Triton needed).
+
+A sequence shard computes local_state and then runs the kernel from S_in; where the kernel cuts its
+sequences into segments, its first pass is the same walk over k, v. Both must be the same launch (same
+kernel, grid, operands, output shapes and parameters), so that XLA computes it once (CSE); likewise
+state_gradient and the backward G walk's first pass. (On an H200 this took a 2-way shard of 512K tokens
+per device from 0.87 to 1.00 of the bare kernel's forward speed; benchmarks/scaling.py --emulate.)
+Here the launches are recorded instead of run, and compared.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from shardattn.kernels.lightning import triton as tr
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    calls = []
+    kernels = ("fwd_kernel", "dkdv_kernel", "dstate_kernel", "chunk_kernel")
+    monkeypatch.setattr(tr, "_kernels", lambda: kernels)
+
+    def record(kernel, grid, inputs, out_shapes, **params):
+        calls.append(dict(kernel=kernel, grid=grid, inputs=inputs, out_shapes=out_shapes, params=params))
+        return tuple(jnp.zeros(s.shape, s.dtype) for s in out_shapes)
+
+    monkeypatch.setattr(tr, "_launch", record)
+    return calls
+
+
+def _same_launch(a, b, shared):
+    """Equal kernel, grid, outputs and parameters; the operands in `shared` are the same traced values."""
+    for key in ("kernel", "grid", "out_shapes", "params"):
+        assert a[key] == b[key], key
+    assert len(a["inputs"]) == len(b["inputs"])
+    for i, (x, y) in enumerate(zip(a["inputs"], b["inputs"], strict=True)):
+        if i in shared:
+            assert x is y, f"operand {i} differs"
+        else:  # constants made from static shapes (dummies, sequence bounds)
+            assert (x.shape, x.dtype) == (y.shape, y.dtype), f"operand {i} differs"
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_local_state_is_the_forward_segment_pass(launches, reverse):
+    B, T, H, D = 1, 1100, 2, 64
+    blocks = tr.BlockSizes.get_default(D, D, jnp.bfloat16)
+    P, _ = tr._segments(B * H, T, blocks)
+    assert P > 1  # the case where the kernel has a segment pass
+
+    def traced(q, k, v, slopes, s0):  # compared while tracing: the operands are tracers
+        tr._local_state(k, v, slopes, reverse, blocks)
+        tr._forward_pass(q, k, v, slopes, s0, None, scale=0.125, reverse=reverse, store_states=True,
+                         out_dtype=q.dtype, blocks=blocks, state_dtype=jnp.bfloat16)  # fmt: skip
+        local, prepass, main = launches
+        assert local["params"]["STATES_ONLY"] and not main["params"]["STATES_ONLY"]
+        _same_launch(local, prepass, shared={1, 2, 3})  # k, v, slopes
+        return 0
+
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    jax.make_jaxpr(traced)(x, x, x, jnp.ones((H,), jnp.float32), jnp.zeros((B, H, D, D), jnp.float32))
+    assert len(launches) == 3
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_state_gradient_is_the_g_walk_first_pass(launches, reverse):
+    B, T, H, D = 1, 1100, 2, 64
+    blocks = tr.BlockSizes.get_default(D, D, jnp.bfloat16)
+    opts = tr.Options(scale=0.125, reverse=reverse)
+
+    def traced(q, do, slopes, dfinal):
+        tr._state_gradient(q, do, slopes, 0.125, reverse, blocks)
+        tr._g_walk(opts, blocks, q, do, slopes, dfinal, None, jnp.bfloat16)
+        grad, first, second = launches
+        assert second["params"]["SEG_G0"]  # the G walk was cut into segments
+        _same_launch(grad, first, shared={0, 1, 2})  # q, dO, slopes
+        return 0
+
+    x = jnp.zeros((B, T, H, D), jnp.bfloat16)
+    jax.make_jaxpr(traced)(x, x, jnp.ones((H,), jnp.float32), jnp.zeros((B, H, D, D), jnp.float32))
+    assert len(launches) == 3
