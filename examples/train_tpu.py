@@ -9,7 +9,9 @@ is held out.
 
 Parallelism: one mesh over every device of every host, axes ("data", "seq", "heads") from `--mesh`.
 Token batches are sharded over data and seq; lightning layers run sharded over all three axes
-(shardattn.sharded.sharded_lightning); parameters and AdamW moments are sharded over "data" (FSDP:
+(shardattn.sharded.sharded_lightning), softmax layers too (shardattn.sharded_attention; `--layout
+zigzag` reorders each token batch once so that the causal softmax work is balanced over the sequence
+shards); parameters and AdamW moments are sharded over "data" (FSDP:
 each device stores 1/data of every weight and of its AdamW moments; the step all-gathers the weights,
 and the gradients are summed over the batch shards back into that layout).
 
@@ -43,6 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from shardattn.flax import LightningAttention, SoftmaxAttention  # noqa: E402
 from shardattn.lightning import resolve_implementations  # noqa: E402
+from shardattn.meshes import from_zigzag, to_zigzag  # noqa: E402
 
 VOCAB = 256  # bytes
 SEPARATOR = 0  # NUL never occurs in source text; it marks the boundary between two files
@@ -58,6 +61,7 @@ class Config:
     dtype: str = "float32"  # compute dtype; parameters and optimizer state stay float32
     scan: str = "auto"  # lightning state scan across sequence shards: ring | tree | allgather | auto
     implementation: tuple[str, ...] | None = None  # lightning backends to try; None: the platform's best
+    layout: str = "contiguous"  # token order on the sequence shards: contiguous | zigzag (see HybridLM)
 
     def is_softmax(self, layer_idx: int) -> bool:
         return self.softmax_every > 0 and (layer_idx + 1) % self.softmax_every == 0
@@ -167,11 +171,10 @@ class Block(nnx.Module):
             # Causal softmax attention with rotary positions (lightning layers know order through their
             # decay; softmax layers need positions, as in MiniMax-01), sharded like the lightning layers
             # through shardattn.sharded_attention (strategy "auto": ring, all-gather or Ulysses by shape).
-            # The token order stays contiguous: the lightning recurrence needs it, so the zigzag layout
-            # (causal load balance for softmax alone) would cost a reorder around every softmax layer.
             self.attn = SoftmaxAttention(
-                cfg.d_model, cfg.heads, causal=True, mesh=mesh, dtype=dtype, rngs=rngs
-            )
+                cfg.d_model, cfg.heads, causal=True, mesh=mesh, layout=self.layout(cfg, mesh), dtype=dtype,
+                rngs=rngs,
+            )  # fmt: skip
         else:
             # The decay preset takes the layer's index among all layers, as MiniMax-01 does: deeper
             # layers decay more slowly and so see further back.
@@ -180,14 +183,38 @@ class Block(nnx.Module):
                 mesh=mesh, scan=cfg.scan, implementation=cfg.implementation, dtype=dtype, rngs=rngs,
             )
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_ratio * cfg.d_model, dtype=dtype, rngs=rngs)
+        self.softmax = cfg.is_softmax(layer_idx)
+        self.zigzag = self.layout(cfg, mesh) == "zigzag"
+        self.mesh = mesh
 
-    def __call__(self, x):
-        x = x + self.attn(self.attn_norm(x))
+    @staticmethod
+    def layout(cfg: Config, mesh) -> str:
+        # Without a mesh (one device, e.g. generate.py) there is nothing to balance: contiguous.
+        return cfg.layout if mesh is not None else "contiguous"
+
+    def __call__(self, x, positions=None):
+        """x [B, T, d_model] in the model's layout; positions [1, T]: the tokens' real positions (zigzag)."""
+        h = self.attn_norm(x)
+        if self.softmax:
+            h = self.attn(h, positions)
+        elif self.zigzag:
+            # The lightning recurrence runs in the real token order: back to contiguous and again to
+            # zigzag around the layer, two permutations of [B, T, d_model] across the sequence shards.
+            h = to_zigzag(self.attn(from_zigzag(h, self.mesh)), self.mesh)
+        else:
+            h = self.attn(h)
+        x = x + h
         return x + self.mlp(self.mlp_norm(x))
 
 
 class HybridLM(nnx.Module):
-    """Byte-level decoder: tokens int32 [B, T] -> logits float32 [B, T, 256]."""
+    """Byte-level decoder: tokens int32 [B, T] -> logits float32 [B, T, 256].
+
+    With `cfg.layout == "zigzag"` (and a mesh) tokens and logits are in the zigzag order of the mesh's
+    sequence axis (`shardattn.meshes.to_zigzag`, applied once to tokens and targets in the loss): every
+    sequence shard then holds one early and one late chunk, so causal softmax layers do equal work on
+    every shard; lightning layers reorder to contiguous and back around themselves (see Block).
+    """
 
     def __init__(self, cfg: Config, *, mesh=None, rngs: nnx.Rngs):
         dtype = jnp.dtype(cfg.dtype)
@@ -195,11 +222,16 @@ class HybridLM(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, mesh=mesh, rngs=rngs) for i in range(cfg.layers)])
         self.norm = nnx.RMSNorm(cfg.d_model, dtype=dtype, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, VOCAB, use_bias=False, dtype=dtype, rngs=rngs)
+        self.zigzag = Block.layout(cfg, mesh) == "zigzag"
+        self.mesh = mesh
 
     def __call__(self, tokens):
         x = self.embed(tokens)
+        # Default positions (None) for the contiguous layout; the real positions in zigzag order else.
+        T = tokens.shape[1]
+        positions = to_zigzag(jnp.arange(T, dtype=jnp.int32)[None], self.mesh) if self.zigzag else None
         for block in self.blocks:
-            x = block(x)
+            x = block(x, positions)
         return self.head(self.norm(x)).astype(jnp.float32)
 
 
@@ -296,7 +328,10 @@ def make_loss_fn(graphdef, mesh):
             # HLO; a reduce-scatter would move half the bytes).
             replicated = NamedSharding(mesh, P())
             params = jax.tree.map(lambda p: jax.lax.with_sharding_constraint(p, replicated), params)
-        logits = nnx.merge(graphdef, params)(inputs)
+        model = nnx.merge(graphdef, params)
+        if model.zigzag:  # the token batch in zigzag order, once (the mean loss does not see the order)
+            inputs, targets = to_zigzag(inputs, mesh), to_zigzag(targets, mesh)
+        logits = model(inputs)
         return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
     return loss_fn
@@ -338,6 +373,11 @@ def check_divisible(args, mesh) -> None:
         if value % mesh.shape[axis]:
             size = mesh.shape[axis]
             raise ValueError(f"{flag} {value} must be divisible by the mesh's {axis} axis ({size})")
+    if args.layout == "zigzag" and args.seq_len % (2 * mesh.shape["seq"]):
+        raise ValueError(
+            f"--seq-len {args.seq_len} must be divisible by 2 x the mesh's seq axis ({mesh.shape['seq']}) "
+            "for --layout zigzag"
+        )
 
 
 def progress_bar(done: int, total: int, width: int = 24) -> str:
@@ -353,6 +393,7 @@ def train(args, log=print) -> list[dict]:
         dtype=args.dtype,
         scan=args.scan,
         implementation=tuple(args.implementation.split(",")) if args.implementation else None,
+        layout=args.layout,
     )
     mesh = parse_mesh(args.mesh)
     check_divisible(args, mesh)
@@ -440,6 +481,8 @@ def parse_args(argv=None):
     add("--mesh", default="-1,1,1", help="data,seq,heads mesh sizes; -1 = the rest; 'none' = one device")
     add("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     add("--scan", default="auto", choices=["auto", "ring", "tree", "allgather"], help="lightning state scan")
+    add("--layout", default="contiguous", choices=["contiguous", "zigzag"],
+        help="token order on the sequence shards; zigzag balances causal softmax work (reordered once)")
     add("--implementation", default="", help="lightning backends to try, e.g. triton,xla (default: best)")
     add("--lr", type=float, default=3e-3)
     add("--data-mb", type=float, default=32, help="megabytes of stdlib source to read")
