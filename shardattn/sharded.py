@@ -42,6 +42,7 @@ from shardattn.meshes.specs import axis_size, check_axes_used, resolve_axes
 from shardattn.meshes.specs import place as place_on
 
 SCANS = ("auto", "ring", "tree", "allgather")
+LAYOUTS = ("contiguous", "zigzag")
 
 # scan="auto" picks "allgather" up to this many sequence shards, "tree" above. Why: allgather is one
 # collective (one latency, bandwidth-optimal on NVLink/ICI) and its local prefix sum over P states is
@@ -72,6 +73,7 @@ class _Plan:
     kv_replicated: bool  # k, v replicated over the head axis, each head shard slices its one kv head
     return_state: bool
     real_len: int | None = None  # tokens before padding, when T was padded to a multiple of num_seq
+    zigzag: bool = False  # the sequence in the zigzag layout: 2P chunks, shard r holding r and 2P-1-r
 
 
 def choose_scan(scan: str, num_seq: int, state_bytes: int) -> str:
@@ -241,6 +243,8 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     # r is position P-1-r of the scan; all local work stays in place (the backend runs reverse itself).
     step = num - 1 - rank if plan.reverse else rank
 
+    if plan.zigzag:
+        return _zigzag_shard(plan, q, k, v, slopes, initial_state, rank)
     if cu_seqlens is None:
         o, s_out = sequence_shard(plan, q, k, v, slopes, initial_state, step)
         if not plan.return_state:
@@ -262,6 +266,46 @@ def _per_device(plan: _Plan, q, k, v, slopes, initial_state, cu_seqlens):
     s_in = _SCAN_FNS[plan.scan](a, s_loc, axis=axis, num=num, step=step, phys=phys, a_pow=None)
     o = _add_incoming_state(o_loc, q, slopes, s_in, proc_pos, first_start, plan.scale)
     return (o, finish(s_in)) if plan.return_state else o
+
+
+def _zigzag_shard(plan, q, k, v, slopes, initial_state, rank):
+    """A shard of the zigzag layout: its two chunks (global chunks r and 2P-1-r, each n/2 tokens) are two
+    virtual shards of a 2P-way sequence shard, stacked along the batch for one backend call."""
+    b, n = q.shape[:2]
+    c = n // 2
+    stack = lambda x: jnp.concatenate([x[:, :c], x[:, c:]], axis=0)  # [2b, c, ...]: chunk r, then 2P-1-r
+    virtual = 2 * plan.num_seq
+    chunks = jnp.stack([rank, virtual - 1 - rank])  # global chunk index of each half
+    positions = virtual - 1 - chunks if plan.reverse else chunks  # processing position of each half
+    step = jnp.repeat(positions, b)[:, None, None, None]  # [2b, 1, 1, 1]
+    init = jnp.concatenate([initial_state, initial_state], axis=0)  # used only where step == 0
+    o, s_out = sequence_shard(plan, stack(q), stack(k), stack(v), slopes, init, step)
+    o = jnp.concatenate([o[:b], o[b:]], axis=1)
+    if not plan.return_state:
+        return o
+    last = jnp.where(step == virtual - 1, s_out, 0.0)
+    return o, jax.lax.psum(last[:b] + last[b:], plan.seq_axis)
+
+
+def _scan_zigzag(plan, s, a_pow, *, backward):
+    """The exclusive state scan of the zigzag layout over 2P chunks, two per shard, by one all-gather.
+
+    s [2b, h, Dk, Dv]: the states of this shard's chunks r (first b rows) and 2P-1-r. As _scan_allgather,
+    with every masked term selected away (never weighted by 0: it may hold NaN)."""
+    virtual = 2 * plan.num_seq
+    b = s.shape[0] // 2
+    gathered = jax.lax.all_gather(s.reshape(2, b, *s.shape[1:]), plan.seq_axis)  # [P, 2, b, h, Dk, Dv]
+    by_chunk = jnp.concatenate([gathered[:, 0], jnp.flip(gathered[:, 1], 0)], axis=0)  # [2P, b, ...]
+    mirrored = plan.reverse != backward  # then the scan runs from chunk 2P-1 down to chunk 0
+    by_position = jnp.flip(by_chunk, 0) if mirrored else by_chunk
+    rank = jax.lax.axis_index(plan.seq_axis)
+    mine = jnp.stack([rank, virtual - 1 - rank])
+    mine = virtual - 1 - mine if mirrored else mine  # [2]: scan position of each half
+    j = jnp.arange(virtual)
+    weight = a_pow(jnp.maximum(mine[:, None] - 1 - j[None, :], 0))  # [2, 2P, 1, h]
+    keep = (j[None, :] < mine[:, None])[:, :, None, None, None, None]  # [2, 2P, 1, 1, 1, 1]
+    terms = jnp.where(keep, weight[..., None, None] * by_position[None], 0.0)  # [2, 2P, b, h, Dk, Dv]
+    return jnp.sum(terms, axis=1).reshape(s.shape)
 
 
 def _real_final_state(plan, k, v, slopes, initial_state, step):
@@ -309,6 +353,8 @@ def _shard_decay(slopes, n):
 
 def _scan(plan, a, s, step, a_pow, *, backward):
     """Exclusive scan over the sequence shards in processing order, or in the opposite order."""
+    if plan.zigzag:
+        return _scan_zigzag(plan, s, a_pow, backward=backward)
     num = plan.num_seq
     mirrored = plan.reverse != backward  # processing position i lives on mesh index num - 1 - i
     phys = (lambda i: num - 1 - i) if mirrored else (lambda i: i)
@@ -453,6 +499,7 @@ def sharded_lightning(
     cu_seqlens=None,
     return_state=False,
     implementation=None,
+    layout="contiguous",
 ):
     """Lightning attention on `mesh`, batch-, head- and sequence-parallel, on global arrays.
 
@@ -470,6 +517,11 @@ def sharded_lightning(
     those of the unpadded call; o of T tokens cannot be sharded evenly, so it comes back gathered over
     the sequence axis: pad long sequences yourself to keep o sharded).
     `scan`: "ring" | "tree" | "allgather" | "auto" (the state scan across sequence shards; see module doc).
+    `layout`: "contiguous", or "zigzag": q, k, v (and o) in the zigzag order of the sequence axis
+    (`shardattn.meshes.to_zigzag`: 2P chunks, shard r holding chunks r and 2P-1-r), the layout that
+    balances causal softmax attention (`sharded_attention(layout="zigzag")`), so that a hybrid model
+    keeps one token order for every layer. T must divide by 2P; the state scan is then one all-gather
+    of 2 states per shard (scan "auto" or "allgather"); no cu_seqlens.
     Unused axes: when a role is left at None and a mesh axis of size > 1 then serves no role (every
     device along it would compute the same result), it is a ValueError; name the axes, or pass every
     role explicitly (`()` included) to replicate over the rest on purpose.
@@ -487,6 +539,8 @@ def sharded_lightning(
         raise TypeError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
     if not isinstance(scan, str) or scan not in SCANS:
         raise ValueError(f"scan={scan!r} must be one of {SCANS}")
+    if not isinstance(layout, str) or layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
     packed = cu_seqlens is not None
     defaulted = [batch_axis, seq_axis, head_axis].count(None)  # roles left to the default names
     if packed and batch_axis is None:
@@ -524,6 +578,24 @@ def sharded_lightning(
             f"{num_heads}, or divide it (then k, v are replicated over it)"
         )
 
+    zigzag = layout == "zigzag" and num_seq > 1  # one shard: the zigzag order is the contiguous one
+    if zigzag:
+        if packed:
+            raise NotImplementedError(
+                "layout='zigzag' with cu_seqlens: packed sequences need each shard's tokens in one "
+                "contiguous range of the sequence (pass layout='contiguous')"
+            )
+        if T % (2 * num_seq):
+            raise ValueError(
+                f"T={T} must be divisible by 2 x the size of mesh axis {axes.seq!r} ({num_seq}) for "
+                "layout='zigzag' (the data must already be in zigzag order: shardattn.meshes.to_zigzag)"
+            )
+        if scan not in ("auto", "allgather"):
+            raise ValueError(
+                f"layout='zigzag' scans the states with one all-gather (each shard holds 2 of 2P chunks); "
+                f"scan={scan!r} is not served: pass scan='auto' or 'allgather'"
+            )
+
     spec_qkv = P(_entry(axes.batch), axes.seq, axes.heads, None)
     spec_kv = P(_entry(axes.batch), axes.seq, None, None) if kv_replicated else spec_qkv
     spec_state = P(None if packed else _entry(axes.batch), axes.heads, None, None)
@@ -533,13 +605,14 @@ def sharded_lightning(
         seq_axis=axes.seq,
         head_axis=axes.heads,
         num_seq=num_seq,
-        scan=choose_scan(scan, num_seq, state_bytes),
+        scan="allgather" if zigzag else choose_scan(scan, num_seq, state_bytes),
         scale=x.scale,
         reverse=x.reverse,
         implementations=x.implementations,
         kv_replicated=kv_replicated,
         packed=packed,
         return_state=x.return_state,
+        zigzag=zigzag,
     )
     # A sequence length the sequence axis does not divide is padded (with zeros, processed last: see
     # _pad_sequence) to a multiple of it; the pad tokens' outputs and states are dropped below.

@@ -303,6 +303,61 @@ def test_only_states_move(scan):
 
 
 # ---------------------------------------------------------------------------------------------------
+# The zigzag layout (the order sharded_attention balances causal softmax in): data arrive reordered.
+
+
+def _zigzag_lightning(mesh):
+    """sharded_lightning(layout="zigzag") on data in the original order: to_zigzag in, from_zigzag out."""
+    from shardattn.meshes import from_zigzag, to_zigzag
+
+    def fn(q, k, v, **kw):
+        q, k, v = (to_zigzag(x, mesh) for x in (q, k, v))
+        o, s = sharded_lightning(q, k, v, mesh=mesh, layout="zigzag", **kw)
+        return from_zigzag(o, mesh), s
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "shape,reverse",
+    [((2, 4, 1), False), ((1, 8, 1), True), ((1, 4, 2), False)],
+    ids=["2x4x1", "1x8x1-rev", "1x4x2"],
+)
+def test_zigzag_layout_matches_reference(shape, reverse):
+    mesh = make_mesh(data=shape[0], seq=shape[1], heads=shape[2])
+    inputs = make_inputs(CASE, 0, with_state=True)
+    o, s, g = run_with_grads(_zigzag_lightning(mesh), inputs, reverse=reverse, implementation=IMPL)
+    o_ref, s_ref, g_ref = expected(CASE, 0, True, None, reverse, None)
+    errors = {"o": assert_close("o", o, o_ref, tolerance(CASE.dtype))}
+    errors["state"] = assert_close("final_state", s, s_ref, tolerance(CASE.dtype))
+    for n in g:
+        errors["d" + n] = assert_close("d" + n, g[n], g_ref[n], tolerance(CASE.dtype, grad=True))
+    print(
+        f"\nzigzag {mesh_id(shape)} reverse={reverse}: " + " ".join(f"{k}={v:.1e}" for k, v in errors.items())
+    )
+
+
+def test_zigzag_layout_moves_only_states():
+    case = Case(B=2, T=512, H=2, Dk=16)
+    x = make_inputs(case, with_state=True)
+    mesh = make_mesh(data=2, seq=4)
+    q, k, v = (shard_qkv(x[n], mesh) for n in "qkv")
+
+    def loss(q, k, v, slopes):
+        o = sharded_lightning(q, k, v, mesh=mesh, slopes=slopes, layout="zigzag", implementation=IMPL)
+        return jnp.sum(o**2)
+
+    hlo = jax.jit(jax.grad(loss, argnums=range(4))).lower(q, k, v, x["slopes"]).compile().as_text()
+    ops = collectives(hlo)
+    local_state = (case.B // 2) * case.H * case.Dk * case.Dk
+    # One all-gather of the 2 chunk states of each of the 4 shards forward, one of the state gradients
+    # backward; nothing of q, k, v or o's size moves (no permute, no all-to-all).
+    assert [n for op, n in ops if op == "all-gather"] == [2 * 4 * local_state] * 2, ops
+    assert {op for op, _ in ops} <= {"all-gather", "all-reduce"}, ops
+    assert all(n <= 8 * local_state for _, n in ops), ops
+
+
+# ---------------------------------------------------------------------------------------------------
 # Meshes from jax.make_mesh (Explicit axes) and jax.sharding.Mesh (Auto), eager and jitted; training.
 
 
@@ -394,6 +449,14 @@ def _bad_calls():
          dict(ok, initial_state=jnp.zeros((2, 2, 16, 16)))),
         ("varlen-batch-axis", ValueError, "batch=1 must be divisible", (q[:1], kv[:1], kv[:1]),
          dict(ok, batch_axis="data", cu_seqlens=jnp.array([0, 8]))),
+        ("layout-name", ValueError, "layout='ring'", (q, kv, kv), dict(ok, layout="ring")),
+        ("zigzag-divisible", ValueError, r"T=6 must be divisible by 2 x .* 'seq' \(2\)",
+         (q[:, :6], kv[:, :6], kv[:, :6]), dict(ok, layout="zigzag")),
+        ("zigzag-scan", ValueError, "scan='ring' is not served", (q, kv, kv),
+         dict(ok, layout="zigzag", scan="ring")),
+        ("zigzag-packed", NotImplementedError, "cu_seqlens", (q[:1], kv[:1], kv[:1]),
+         dict(ok, batch_axis=(), seq_axis="seq", head_axis="heads", layout="zigzag",
+              cu_seqlens=jnp.array([0, 3, 8]))),
     ]  # fmt: skip
 
 
