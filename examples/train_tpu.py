@@ -45,7 +45,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from shardattn.flax import LightningAttention, SoftmaxAttention  # noqa: E402
 from shardattn.lightning import resolve_implementations  # noqa: E402
-from shardattn.meshes import from_zigzag, to_zigzag  # noqa: E402
+from shardattn.meshes import to_zigzag  # noqa: E402
 
 VOCAB = 256  # bytes
 SEPARATOR = 0  # NUL never occurs in source text; it marks the boundary between two files
@@ -180,12 +180,11 @@ class Block(nnx.Module):
             # layers decay more slowly and so see further back.
             self.attn = LightningAttention(
                 cfg.d_model, cfg.heads, layer_idx=layer_idx, num_layers=cfg.layers, decay="minimax",
-                mesh=mesh, scan=cfg.scan, implementation=cfg.implementation, dtype=dtype, rngs=rngs,
+                mesh=mesh, scan=cfg.scan, layout=self.layout(cfg, mesh), implementation=cfg.implementation,
+                dtype=dtype, rngs=rngs,
             )
         self.mlp = SwiGLU(cfg.d_model, cfg.mlp_ratio * cfg.d_model, dtype=dtype, rngs=rngs)
         self.softmax = cfg.is_softmax(layer_idx)
-        self.zigzag = self.layout(cfg, mesh) == "zigzag"
-        self.mesh = mesh
 
     @staticmethod
     def layout(cfg: Config, mesh) -> str:
@@ -195,15 +194,7 @@ class Block(nnx.Module):
     def __call__(self, x, positions=None):
         """x [B, T, d_model] in the model's layout; positions [1, T]: the tokens' real positions (zigzag)."""
         h = self.attn_norm(x)
-        if self.softmax:
-            h = self.attn(h, positions)
-        elif self.zigzag:
-            # The lightning recurrence runs in the real token order: back to contiguous and again to
-            # zigzag around the layer, two permutations of [B, T, d_model] across the sequence shards.
-            h = to_zigzag(self.attn(from_zigzag(h, self.mesh)), self.mesh)
-        else:
-            h = self.attn(h)
-        x = x + h
+        x = x + (self.attn(h, positions) if self.softmax else self.attn(h))
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -213,7 +204,7 @@ class HybridLM(nnx.Module):
     With `cfg.layout == "zigzag"` (and a mesh) tokens and logits are in the zigzag order of the mesh's
     sequence axis (`shardattn.meshes.to_zigzag`, applied once to tokens and targets in the loss): every
     sequence shard then holds one early and one late chunk, so causal softmax layers do equal work on
-    every shard; lightning layers reorder to contiguous and back around themselves (see Block).
+    every shard; lightning layers take the same order (sharded_lightning(layout="zigzag")).
     """
 
     def __init__(self, cfg: Config, *, mesh=None, rngs: nnx.Rngs):

@@ -15,6 +15,7 @@ from shardattn.attention import flash_attention
 from shardattn.decay import decay_slopes
 from shardattn.lightning import lightning_attention
 from shardattn.meshes.specs import check_axes_used, resolve_axes
+from shardattn.sharded import LAYOUTS as LIGHTNING_LAYOUTS
 from shardattn.sharded import SCANS, sharded_lightning
 from shardattn.sharded_attention import LAYOUTS, STRATEGIES, sharded_attention
 
@@ -43,8 +44,10 @@ class LightningAttention(nnx.Module):
 
     With `mesh`, the attention runs as `shardattn.sharded.sharded_lightning` (batch over `batch_axis`,
     tokens over `seq_axis`, heads over `head_axis`; None means the mesh's "data"/"seq"/"heads" axis if it
-    has one; `scan` picks the state scan across sequence shards); without, as the single-device
-    `lightning_attention`. `implementation` (backend names) is passed through.
+    has one; `scan` picks the state scan across sequence shards; `layout="zigzag"`: x arrives in the
+    zigzag order of the sequence axis, as for `SoftmaxAttention(layout="zigzag")`, so a hybrid model
+    keeps one token order); without, as the single-device `lightning_attention`. `implementation`
+    (backend names) is passed through.
 
     Defaults differ from `lightning_attention`'s: the layer's `decay` is "minimax" with scale 1.0 (the
     function's: "transnormer" with head_dim ** -0.5). `learnable_decay=True` makes the slopes a
@@ -71,6 +74,7 @@ class LightningAttention(nnx.Module):
         seq_axis: str | None = None,
         head_axis: str | None = None,
         scan: str = "auto",
+        layout: str = "contiguous",
         learnable_decay: bool = False,
         implementation=None,
         use_bias: bool = False,
@@ -88,6 +92,8 @@ class LightningAttention(nnx.Module):
         preset = decay_slopes(num_heads, layer_idx, num_layers, decay)
         if not isinstance(scan, str) or scan not in SCANS:
             raise ValueError(f"scan={scan!r} must be one of {SCANS}")
+        if not isinstance(layout, str) or layout not in LIGHTNING_LAYOUTS:
+            raise ValueError(f"layout={layout!r} must be one of {LIGHTNING_LAYOUTS}")
         if not isinstance(learnable_decay, bool):
             raise TypeError(f"learnable_decay must be a bool, got {type(learnable_decay).__name__}")
         if mesh is None:
@@ -95,6 +101,8 @@ class LightningAttention(nnx.Module):
                                         ("head_axis", head_axis)) if a is not None}  # fmt: skip
             if scan != "auto":
                 given["scan"] = scan
+            if layout != "contiguous":
+                given["layout"] = layout
             if given:
                 raise ValueError(f"{given} only apply with a mesh (mesh=None runs on one device)")
         else:
@@ -109,7 +117,7 @@ class LightningAttention(nnx.Module):
         self.layer_idx, self.num_layers, self.decay = layer_idx, num_layers, decay
         self.scale = (1.0 if decay == "minimax" else None) if scale is None else scale
         self.mesh, self.batch_axis, self.seq_axis, self.head_axis = mesh, batch_axis, seq_axis, head_axis
-        self.scan = scan
+        self.scan, self.layout = scan, layout
         self.implementation = implementation
 
         def linear(n_in, n_out):
@@ -153,7 +161,7 @@ class LightningAttention(nnx.Module):
         else:
             o = sharded_lightning(
                 q, k, v, mesh=self.mesh, batch_axis=self.batch_axis, seq_axis=self.seq_axis,
-                head_axis=self.head_axis, scan=self.scan, **kwargs,
+                head_axis=self.head_axis, scan=self.scan, layout=self.layout, **kwargs,
             )
         o = self.norm(o.reshape(B, T, self.num_heads * self.head_dim))
         return self.out_proj(o * jax.nn.sigmoid(self.gate_proj(x)))
