@@ -3,8 +3,8 @@
 Every feature against the float32 reference (outputs, lse and the gradients of q, k, v, bias, sinks),
 the two halves with a given o and lse, fully masked rows and NaN at unseen keys, dropout offsets, the
 kernel under shard_map and in the ring of sharded_attention, the Mosaic lowering for TPU. The
-interpreter runs every grid step in Python, so shapes are tiny and blocks small (16 query rows x 128
-keys: several query blocks per case, two key blocks where S > 128) and each case combines features.
+interpreter runs every grid step in Python, so shapes are tiny and blocks the smallest the kernels take
+(128 x 128: two query and two key blocks where T, S > 128), and each case combines features.
 """
 
 import functools
@@ -21,7 +21,7 @@ import shardattn
 from shardattn.kernels.attention import pallas_tpu, reference
 from shardattn.kernels.attention.options import AttentionOptions
 
-SMALL = pallas_tpu.BlockSizes(block_q=32, block_k=128)
+SMALL = pallas_tpu.BlockSizes(block_q=128, block_k=128)
 pallas = functools.partial(pallas_tpu.attention, block_sizes=SMALL)
 
 
@@ -52,13 +52,13 @@ def _segments(B, lengths, ids):
 
 def _case(name):
     """(q, k, v, keywords) of one named feature combination (float32 unless the name says otherwise)."""
-    if name == "causal-gqa-T100-S200-D40x72":  # T != S, head dims padded to 128 lanes, Dk != Dv
-        B, T, S = 2, 100, 200
+    if name == "causal-gqa-T136-S200-D40x72":  # T != S, head dims padded to 128 lanes, Dk != Dv
+        B, T, S = 2, 136, 200
         q, k, v = inputs(B, T, S, 4, 2, 40, 72, jnp.float32)
         qp, kp = positions(B, T, S)
         return q, k, v, dict(q_positions=qp, kv_positions=kp, options=AttentionOptions(40**-0.5, causal=True))
     if name == "window-cap-bias-sinks-mqa":  # two-sided window, not causal, MQA 4/1, bias [1, H, T, S]
-        B, T, S = 1, 96, 160
+        B, T, S = 1, 160, 160
         q, k, v = inputs(B, T, S, 4, 1, 32, 32, jnp.float32, seed=1)
         qp, kp = positions(B, T, S)
         bias = jax.random.normal(jax.random.PRNGKey(5), (1, 4, T, S), jnp.float32)
@@ -66,14 +66,14 @@ def _case(name):
         opts = AttentionOptions(scale=0.5, window=(40, 9), soft_cap=3.0)
         return q, k, v, dict(bias=bias, sinks=sinks, q_positions=qp, kv_positions=kp, options=opts)
     if name == "segments-causal-bias-per-batch":  # packed, positions restart per segment, bias [B, 1, T, S]
-        B, T = 2, 96
+        B, T = 2, 160
         q, k, v = inputs(B, T, T, 2, 2, 32, 32, jnp.float32, seed=2)
-        seg, pos = _segments(B, [13, 50, 33], [[0, 1, 2], [5, 6, 7]])
+        seg, pos = _segments(B, [13, 80, 67], [[0, 1, 2], [5, 6, 7]])
         bias = jax.random.normal(jax.random.PRNGKey(7), (B, 1, T, T), jnp.float32)
         return q, k, v, dict(bias=bias, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,
                              kv_positions=pos, options=AttentionOptions(scale=0.25, causal=True))  # fmt: skip
     if name == "dropout-offsets-causal-gqa":  # the kernels' uint32 hash against dropout.py's
-        B, T, S = 1, 64, 160
+        B, T, S = 1, 136, 160
         q, k, v = inputs(B, T, S, 4, 2, 32, 32, jnp.float32, seed=3)
         qp, kp = positions(B, T, S)
         return q, k, v, dict(q_positions=qp, kv_positions=kp, dropout_rng=jax.random.key(11),
@@ -105,7 +105,7 @@ def _case(name):
 
 
 CASES = [
-    "causal-gqa-T100-S200-D40x72",
+    "causal-gqa-T136-S200-D40x72",
     "window-cap-bias-sinks-mqa",
     "segments-causal-bias-per-batch",
     "dropout-offsets-causal-gqa",
@@ -134,18 +134,18 @@ def test_through_the_api_with_default_positions():
     qp, kp = positions(B, T, S)
     opts = AttentionOptions(scale=32**-0.5, causal=True, window=(24, 0))
     args = (q, k, v, None, None, None, None)
-    cfg, _ = pallas_tpu._plan(*args, np.asarray(qp), np.asarray(kp), opts, pallas_tpu.BlockSizes(64, 128))
-    assert (cfg.nk, cfg.span_k, cfg.span_q) == (4, 2, 2)
-    cfg, _ = pallas_tpu._plan(*args, qp, kp, opts, pallas_tpu.BlockSizes(64, 128))
+    cfg, _ = pallas_tpu._plan(*args, np.asarray(qp), np.asarray(kp), opts, pallas_tpu.BlockSizes(128, 128))
+    assert (cfg.nk, cfg.span_k, cfg.span_q) == (4, 2, 1)
+    cfg, _ = pallas_tpu._plan(*args, qp, kp, opts, pallas_tpu.BlockSizes(128, 128))
     assert cfg.span_k == 2  # concrete jax arrays too; traced positions (under jit) get span_k = nk
 
 
 def test_empty_rows_and_nan_at_unseen_keys():
     """Rows with nothing allowed: o = 0, lse = -inf, zero gradients; NaN in unseen keys reaches nothing."""
-    B, T, S = 1, 64, 160
+    B, T, S = 1, 160, 160
     q, k, v = inputs(B, T, S, 2, 1, 32, 32, jnp.float32, seed=4)
     q_seg = np.zeros((B, T), np.int32)
-    q_seg[:, 40:] = 9  # segment 9 has no keys: empty rows
+    q_seg[:, 100:] = 9  # segment 9 has no keys: empty rows (in both query blocks)
     kv_seg = np.zeros((B, S), np.int32)
     kv_seg[:, 120:] = -1  # keys that no query sees, holding NaN
     k = k.at[:, 120:].set(jnp.nan)
@@ -155,14 +155,14 @@ def test_empty_rows_and_nan_at_unseen_keys():
               kv_positions=kp)  # fmt: skip
     options = AttentionOptions(scale=0.25, causal=True, soft_cap=4.0)
     o, lse, (dq, dk, dv) = loss_and_grads(functools.partial(pallas, options=options), q, k, v, None, None, kw)
-    assert np.all(np.asarray(o)[:, 40:] == 0) and np.all(np.asarray(lse)[:, :, 40:] == -np.inf)
-    assert np.all(np.asarray(dq)[:, 40:] == 0)
+    assert np.all(np.asarray(o)[:, 100:] == 0) and np.all(np.asarray(lse)[:, :, 100:] == -np.inf)
+    assert np.all(np.asarray(dq)[:, 100:] == 0)
     assert np.all(np.asarray(dk)[:, 120:] == 0) and np.all(np.asarray(dv)[:, 120:] == 0)
     ref = functools.partial(reference.attention, options=options)
     ro, rlse, (rdq, rdk, rdv) = loss_and_grads(ref, q, k, v, None, None, kw)
     tol = tolerance(jnp.float32)
     assert_close("o", o, ro, tol)
-    assert_close("lse", np.asarray(lse)[:, :, :40], np.asarray(rlse)[:, :, :40], tol)
+    assert_close("lse", np.asarray(lse)[:, :, :100], np.asarray(rlse)[:, :, :100], tol)
     for name, g, rg in (("dq", dq, rdq), ("dk", dk, rdk), ("dv", dv, rdv)):
         assert_close(name, g, rg, 2 * tol)
 
@@ -319,7 +319,7 @@ def test_lowers_to_mosaic_for_tpu():
 
     text = lower(full, True, jnp.bfloat16)
     assert text.count("tpu_custom_call") == 3, "expected one forward and two backward Mosaic kernels"
-    name = "q32_k128_G2_causal_window_softcap_seg_bias_sinks_dropout"
+    name = "q112_k128_G2_causal_window_softcap_seg_bias_sinks_dropout"
     for kind in ("attention_fwd", "attention_bwd_dq", "attention_bwd_dkdv"):
         assert f"{kind}_{name}" in text
     assert lower(AttentionOptions(scale=0.1), False, jnp.float32).count("tpu_custom_call") == 3
@@ -347,7 +347,7 @@ def test_unsupported_calls_are_refused():
         pallas_tpu.attention(big, big, big, q_positions=qp, kv_positions=kp, options=AttentionOptions(0.2))
 
 
-@pytest.mark.parametrize("blocks", [(8, 128), (24, 128), (32, 64), (32, 200)])
+@pytest.mark.parametrize("blocks", [(64, 128), (200, 128), (128, 64), (128, 200)])
 def test_block_sizes_are_checked(blocks):
     with pytest.raises(ValueError, match="block_"):
         pallas_tpu.BlockSizes(*blocks)

@@ -3,9 +3,10 @@ backward, every feature of reference.py.
 
 Layout: the wrapper lays q, k, v, o out as [B, heads, tokens, D] with tokens padded to whole blocks and
 head dims padded to the 128-lane width. Per-query values (positions, segment ids, lse, D_i) travel as
-[B, (H,) Tp, 128] (broadcast along the lanes) and per-key values as [B, 8, Sp] (broadcast along the
-sublanes), so that a block's row vector is a [bq, 1] lane slice and its column vector a [1, bk] sublane
-slice, with no transposes in the kernels.
+rows [B, (H,) 1, Tp], read as [1, bq] blocks and turned into [bq, 1] columns by a 1-D relayout (so query
+blocks are multiples of 128); per-key values as [B, 8, Sp] (broadcast along the sublanes, read as a
+[1, bk] slice). The forward's lse leaves the kernel lane-broadcast, [B, H, Tp, 128] (a column cannot be
+stored as a row without a transpose), and is sliced to [B, H, T] at once. No transposes in the kernels.
 
 Forward: grid (B, H, query block, key step). The key step walks the key blocks [lo, hi) that the block
 pair's positions (and segment ids) can reach; the running max, denominator and output stay in VMEM
@@ -79,15 +80,16 @@ _DTYPES = tuple(map(jnp.dtype, (jnp.float32, jnp.bfloat16, jnp.float16)))
 class BlockSizes:
     """Rows of q (block_q) and of k (block_k) per block, for the forward and both backward kernels.
 
-    Shorter sequences use one block, rounded up to 16 query rows / 128 keys.
+    Multiples of 128; shorter sequences use one block, rounded up to 16 query rows / 128 keys.
     """
 
     block_q: int = 512
     block_k: int = 512
 
     def __post_init__(self):
-        if self.block_q < ROWS or self.block_q % ROWS:
-            raise ValueError(f"block_q={self.block_q} must be a positive multiple of {ROWS}")
+        # Per-query vectors travel as rows [1, bq] (lane-dense), so several query blocks need bq % 128 == 0.
+        if self.block_q < LANES or self.block_q % LANES:
+            raise ValueError(f"block_q={self.block_q} must be a positive multiple of {LANES}")
         if self.block_k < LANES or self.block_k % LANES:
             raise ValueError(f"block_k={self.block_k} must be a positive multiple of {LANES}")
 
@@ -161,11 +163,16 @@ def _range(ranges_ref, row, step):
     return lo, flo, fhi, hi, jnp.minimum(lo + step, jnp.maximum(hi - 1, lo))
 
 
+def _column(ref):
+    """A per-query row block [1, bq] as a column [bq, 1] (a 1-D relayout, no transpose)."""
+    return jnp.expand_dims(ref[0], -1)
+
+
 def _mask(cfg: _Static, i, j, qpos_ref, kpos_ref, qseg_ref, kseg_ref):
     """[bq, bk] allowed pairs of query block i and key block j, padding excluded."""
     shape = (cfg.bq, cfg.bk)
     opts = cfg.options
-    qp = jnp.broadcast_to(qpos_ref[:, :1], shape)
+    qp = jnp.broadcast_to(_column(qpos_ref), shape)
     kp = jnp.broadcast_to(kpos_ref[:1, :], shape)
     offset = kp - qp  # kv_pos - q_pos, as options.allowed compares them (no overflow for wide windows)
     rows = i * cfg.bq + jax.lax.broadcasted_iota(jnp.int32, shape, 0)
@@ -177,7 +184,7 @@ def _mask(cfg: _Static, i, j, qpos_ref, kpos_ref, qseg_ref, kseg_ref):
         left, right = opts.window
         mask &= (offset >= -left) & (offset <= right)
     if cfg.has_seg:
-        mask &= jnp.broadcast_to(qseg_ref[:, :1], shape) == jnp.broadcast_to(kseg_ref[:1, :], shape)
+        mask &= jnp.broadcast_to(_column(qseg_ref), shape) == jnp.broadcast_to(kseg_ref[:1, :], shape)
     return mask
 
 
@@ -236,7 +243,7 @@ def _split_refs(cfg: _Static, refs, leading: int):
 
 
 def _fwd_kernel(ranges_ref, drop_ref, sinks_ref, *refs, cfg: _Static):
-    # refs: q [bq, Dk], k [bk, Dk], v [bk, Dv], q_pos [bq, 128], kv_pos [8, bk], (q_seg, kv_seg),
+    # refs: q [bq, Dk], k [bk, Dk], v [bk, Dv], q_pos [1, bq], kv_pos [8, bk], (q_seg, kv_seg),
     # (bias [bq, bk]), o [bq, Dv], lse [bq, 128], scratch m, l [bq, 128] and acc [bq, Dv] float32.
     q_ref, k_ref, v_ref, qpos_ref, kpos_ref = refs[:5]
     qseg_ref, kseg_ref, bias_ref, (o_ref, lse_ref, m_scr, l_scr, acc_scr) = _split_refs(cfg, refs, 5)
@@ -308,7 +315,7 @@ def _fwd_call(cfg: _Static, q, k, v, qpos, kpos, qseg, kseg, bias, sinks, drop, 
         return b, jax.lax.div(h, G), kv_block(b, i, t, ranges), 0
 
     def qrow_map(b, h, i, t, *_):
-        return b, i, 0
+        return b, 0, i
 
     def krow_map(b, h, i, t, ranges, *_):
         return b, 0, kv_block(b, i, t, ranges)
@@ -322,12 +329,12 @@ def _fwd_call(cfg: _Static, q, k, v, qpos, kpos, qseg, kseg, bias, sinks, drop, 
         pl.BlockSpec((None, None, bq, Dk), q_map),
         pl.BlockSpec((None, None, bk, Dk), kv_map),
         pl.BlockSpec((None, None, bk, Dv), kv_map),
-        pl.BlockSpec((None, bq, LANES), qrow_map),
+        pl.BlockSpec((None, 1, bq), qrow_map),
         pl.BlockSpec((None, SUBLANES, bk), krow_map),
     ]
     args = [q, k, v, qpos, kpos]
     if cfg.has_seg:
-        in_specs += [pl.BlockSpec((None, bq, LANES), qrow_map), pl.BlockSpec((None, SUBLANES, bk), krow_map)]
+        in_specs += [pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, SUBLANES, bk), krow_map)]
         args += [qseg, kseg]
     if cfg.bias_b:
         in_specs.append(pl.BlockSpec((None, None, bq, bk), bias_map))
@@ -370,7 +377,7 @@ def _name(kind, cfg: _Static):
 
 
 def _dq_kernel(ranges_ref, drop_ref, *refs, cfg: _Static):
-    # refs: q, k, v, do, lse [bq, 128], row_term [bq, 128], q_pos, kv_pos, (q_seg, kv_seg), (bias),
+    # refs: q, k, v, do, lse [1, bq], row_term [1, bq], q_pos, kv_pos, (q_seg, kv_seg), (bias),
     # dq [bq, Dk], (ds [bq, bk] f32 with a bias), scratch dq_acc [bq, Dk] f32.
     q_ref, k_ref, v_ref, do_ref, lse_ref, row_ref, qpos_ref, kpos_ref = refs[:8]
     qseg_ref, kseg_ref, bias_ref, rest = _split_refs(cfg, refs, 8)
@@ -387,12 +394,12 @@ def _dq_kernel(ranges_ref, drop_ref, *refs, cfg: _Static):
         mask = _mask(cfg, i, j, qpos_ref, kpos_ref, qseg_ref, kseg_ref) if masked else None
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s, t = _logits(cfg, q, k, bias_ref, mask)
-        p = jnp.exp(s - lse_ref[:, :1])  # lse = +inf on an empty row: P = 0
+        p = jnp.exp(s - _column(lse_ref))  # lse = +inf on an empty row: P = 0
         dp = _dot(do, v, NT_DIMS)
         if opts.dropout_rate > 0:
             keep = _keep(cfg, drop_ref, b, h, i, j)
             dp = jnp.where(keep, dp * (1.0 / (1.0 - opts.dropout_rate)), 0.0)
-        ds = p * (dp - row_ref[:, :1])
+        ds = p * (dp - _column(row_ref))
         if masked:
             ds = jnp.where(mask, ds, 0.0)  # dp is NaN at a NaN key: select, do not multiply
             k = jnp.where(_seen(mask), k, jnp.zeros((), k.dtype))
@@ -429,7 +436,7 @@ def _dkdv_kernel(ranges_ref, drop_ref, *refs, cfg: _Static):
         mask = _mask(cfg, i, j, qpos_ref, kpos_ref, qseg_ref, kseg_ref) if masked else None
         q, k, v, do = q_ref[...], k_ref[...], v_ref[...], do_ref[...]
         s, t = _logits(cfg, q, k, bias_ref, mask)
-        p = jnp.exp(s - lse_ref[:, :1])
+        p = jnp.exp(s - _column(lse_ref))
         if masked:
             p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, NT_DIMS)
@@ -440,7 +447,7 @@ def _dkdv_kernel(ranges_ref, drop_ref, *refs, cfg: _Static):
             pz = jnp.where(keep, p * inv, 0.0)
             dp = jnp.where(keep, dp * inv, 0.0)
         dv_scr[...] += _dot(pz.astype(do.dtype), do, TN_DIMS)
-        ds = p * (dp - row_ref[:, :1])
+        ds = p * (dp - _column(row_ref))
         if masked:
             ds = jnp.where(mask, ds, 0.0)
         if t is not None:
@@ -477,7 +484,7 @@ def _bwd_call(cfg: _Static, q, k, v, do, lse, row, qpos, kpos, qseg, kseg, bias,
         return b, jax.lax.div(h, G), kb(b, i, t, r), 0
 
     def own_qrow(b, h, i, t, *_):
-        return b, i, 0
+        return b, 0, i
 
     def walk_krow(b, h, i, t, r, *_):
         return b, 0, kb(b, i, t, r)
@@ -521,7 +528,7 @@ def _bwd_call(cfg: _Static, q, k, v, do, lse, row, qpos, kpos, qseg, kseg, bias,
         return b, kh, j, 0
 
     def walk_qrow(b, kh, j, g, t, r, *_):
-        return b, qb(b, j, t, r), 0
+        return b, 0, qb(b, j, t, r)
 
     def own_krow(b, kh, j, g, t, *_):
         return b, 0, j
@@ -560,19 +567,24 @@ def _bwd_inputs(cfg: _Static, arrays, q_map, kv_map, qrow_map, krow_map, bias_ma
     """BlockSpecs and arrays shared by the two backward kernels (their index maps differ)."""
     q, k, v, do, lse, row, qpos, kpos, qseg, kseg, bias = arrays
     bq, bk = cfg.bq, cfg.bk
+
+    def row_map(*idx):  # lse, row_term [B, H, 1, Tp]: the query block of q_map, as a row
+        b, h, i, _ = q_map(*idx)
+        return b, h, 0, i
+
     specs = [
         pl.BlockSpec((None, None, bq, q.shape[-1]), q_map),
         pl.BlockSpec((None, None, bk, k.shape[-1]), kv_map),
         pl.BlockSpec((None, None, bk, v.shape[-1]), kv_map),
         pl.BlockSpec((None, None, bq, do.shape[-1]), q_map),
-        pl.BlockSpec((None, None, bq, LANES), q_map),
-        pl.BlockSpec((None, None, bq, LANES), q_map),
-        pl.BlockSpec((None, bq, LANES), qrow_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, None, 1, bq), row_map),
+        pl.BlockSpec((None, 1, bq), qrow_map),
         pl.BlockSpec((None, SUBLANES, bk), krow_map),
     ]
     args = [q, k, v, do, lse, row, qpos, kpos]
     if cfg.has_seg:
-        specs += [pl.BlockSpec((None, bq, LANES), qrow_map), pl.BlockSpec((None, SUBLANES, bk), krow_map)]
+        specs += [pl.BlockSpec((None, 1, bq), qrow_map), pl.BlockSpec((None, SUBLANES, bk), krow_map)]
         args += [qseg, kseg]
     if cfg.bias_b:
         specs.append(pl.BlockSpec((None, None, bq, bk), bias_map))
@@ -673,11 +685,10 @@ def _heads_major(x, rows, lanes):
     return jnp.transpose(x, (0, 2, 1, 3))
 
 
-def _query_rows(x, rows):
-    """[B, (H,) T] -> [B, (H,) rows, 128]: a per-query value broadcast along the lanes."""
+def _query_rows(x, rows, value=0):
+    """[B, (H,) T] -> [B, (H,) 1, rows]: a per-query value as one row (padded with `value`)."""
     pad = [(0, 0)] * (x.ndim - 1) + [(0, rows - x.shape[-1])]
-    x = jnp.pad(x, pad)
-    return jnp.broadcast_to(x[..., None], x.shape + (LANES,))
+    return jnp.expand_dims(jnp.pad(x, pad, constant_values=value), -2)
 
 
 def _key_cols(x, cols):
@@ -743,8 +754,7 @@ def _backward(cfg: _Static, ranges, q, k, v, o, lse, do, dlse, bias, sinks, q_se
     row_term = delta if dlse is None else delta - dlse.astype(f32)  # dS = P (dP - (D - dlse))
     Tp = cfg.nq * cfg.bq
     # An empty row (lse = -inf) and the padding rows get lse = +inf: exp(s - inf) = 0 keeps P at 0.
-    lse_k = _query_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse), Tp)
-    lse_k = lse_k.at[:, :, T:].set(jnp.inf)
+    lse_k = _query_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse), Tp, value=jnp.inf)
     row_k = _query_rows(row_term, Tp)
     qk, kk, vk, qpos, kpos, qseg, kseg, bias_k = _kernel_inputs(
         cfg, q, k, v, bias, q_seg, kv_seg, q_pos, kv_pos
