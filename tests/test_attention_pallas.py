@@ -8,6 +8,7 @@ interpreter runs every grid step in Python, so shapes are tiny and blocks the sm
 """
 
 import functools
+import importlib
 from unittest import mock
 
 import jax
@@ -140,6 +141,48 @@ def test_through_the_api_with_default_positions():
     assert cfg.span_k == 2  # concrete jax arrays too; traced positions (under jit) get span_k = nk
 
 
+def test_cu_seqlens_and_vmap_through_the_api():
+    """Packed sequences (cu_seqlens with an empty one, T != S per sequence) through flash_attention, and
+    jax.vmap over batch rows equal to the batched call; values and gradients."""
+    q, k, v = inputs(1, 160, 192, 2, 1, 32, 32, jnp.float32, seed=17)
+    cu_q, cu_k = jnp.asarray([0, 50, 50, 160]), jnp.asarray([0, 70, 80, 192])
+    w = jax.random.normal(jax.random.PRNGKey(18), (1, 160, 2, 32))
+
+    def loss(impl):
+        def f(q, k, v):
+            o = shardattn.flash_attention(q, k, v, causal=True, sliding_window=(40, 0), cu_seqlens_q=cu_q,
+                                          cu_seqlens_k=cu_k, implementation=impl)  # fmt: skip
+            return jnp.sum(o * w), o
+
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+    (got, o), (want, o_ref) = loss("pallas"), loss("reference")
+    assert_close("o", o, o_ref, tolerance(jnp.float32))
+    for name, g, r in zip("qkv", got, want, strict=True):
+        assert_close("d" + name, g, r, tolerance(jnp.float32, grad=True))
+
+    q, k, v = inputs(3, 32, 48, 2, 1, 32, 32, jnp.float32, seed=19)
+
+    def rows(q, k, v):  # one batch row per call, mapped
+        return shardattn.flash_attention(q[None], k[None], v[None], causal=True, implementation="pallas")[0]
+
+    def batched(q, k, v):
+        return shardattn.flash_attention(q, k, v, causal=True, implementation="pallas")
+
+    def value_and_grads(f):
+        return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2)))(q, k, v)
+
+    mapped, whole = value_and_grads(jax.vmap(rows)), value_and_grads(batched)
+    for a, b in zip(jax.tree.leaves(mapped), jax.tree.leaves(whole), strict=True):
+        assert_close("vmap", a, b, 1e-6)
+
+
+def test_default_order_on_tpu():
+    api = importlib.import_module("shardattn.attention")
+    with mock.patch.object(jax, "default_backend", lambda: "tpu"):
+        assert api.resolve_implementations(None) == ("pallas", "xla")
+
+
 def test_empty_rows_and_nan_at_unseen_keys():
     """Rows with nothing allowed: o = 0, lse = -inf, zero gradients; NaN in unseen keys reaches nothing."""
     B, T, S = 1, 160, 160
@@ -255,8 +298,11 @@ def test_batch_and_head_sharded_shard_map_equals_unsharded():
     grad = jax.grad(loss, argnums=(1, 2, 3, 4), has_aux=True)
     g_sh, out_sh = jax.jit(lambda *a: grad(sharded, *a))(q, k, v, sinks)
     g_un, out_un = jax.jit(lambda *a: grad(attend, *a))(q, k, v, sinks)
+    # Equal up to about one float32 ulp, not bit for bit: under jit(grad) the sharded program differed in
+    # the last bit of o (batch-only sharding too), while forward-only probes (batch shards, sinks, traced
+    # or constant positions) were bit-equal. Cause not pinned down; nothing crosses devices here.
     for a, b in zip(jax.tree.leaves((out_sh, g_sh[:3])), jax.tree.leaves((out_un, g_un[:3])), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
     assert_close("dsinks", g_sh[3], g_un[3], 1e-6)  # summed over the batch shards by a psum
 
 
