@@ -21,9 +21,11 @@ query block the range of key blocks it needs, (lo, flo, fhi, hi): [lo, hi) is vi
 run of blocks where every pair is allowed and nothing is padding, computed without any mask work. The
 ranges reach the kernels as scalar prefetch (SMEM); the key-step index map clamps to the range, so a
 step past its row's range fetches nothing new (the block index does not change) and computes nothing.
-When the positions are known at trace time (the API layer's defaults, cu_seqlens made concrete), the
-key-step axis is only as long as the longest range: a causal or windowed call then has about half (or
-W / S) of the grid steps of a full one. With traced positions (a ring step) it spans every key block.
+When the positions are known at trace time (the API layer passes its default positions as numpy arrays,
+also under jit; any positions in an eager call), the key-step axis is only as long as the longest range:
+a causal or windowed call then has about half (or W / S) of the grid steps of a full one. With traced
+positions (given under jit, cu_seqlens under jit, a ring step) it spans every key block, and each step
+past a range costs one grid step's overhead (no DMA, no compute).
 
 Backward, from the GIVEN o and lse (a ring passes merged ones), D_i = do_i . o_i - dlse_i in JAX, then
 two kernels, because Pallas TPU has no atomics and an output block can only accumulate over
@@ -33,7 +35,7 @@ each needs its own grid order (the price is computing P twice):
     per block, a float32 [B, H, Tp, Sp] buffer that the wrapper sums over the bias's broadcast dims;
   * dkdv kernel, grid (B, Hkv, key block, query head of the group, query step): dk and dv of one kv
     head in VMEM scratch, summed over the G query heads that read it.
-dsinks = -sum_{b, i} exp(sink - lse_i) D_i comes from lse in JAX.
+dsinks = -sum_{b, i} exp(sink - lse_i) (D_i - dlse_i) comes from lse in JAX.
 
 Non-finite keys: in a masked block the keys that no row of the block may see are zeroed before the
 products (their count per key is a small MXU product of the mask with ones), so NaN stored at an unseen
