@@ -17,7 +17,7 @@ from shardattn.kernels.attention.options import AttentionOptions
 from shardattn.lightning import choose_implementations
 
 # Backends tried, in order, when implementation=None, by jax.default_backend(); ("xla",) elsewhere.
-DEFAULT_IMPLEMENTATIONS = {"gpu": ("cudnn", "triton", "xla")}
+DEFAULT_IMPLEMENTATIONS = {"gpu": ("cudnn", "triton", "xla"), "tpu": ("pallas", "xla")}
 _INT32_MAX = int(np.iinfo(np.int32).max)
 
 

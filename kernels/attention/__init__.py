@@ -7,7 +7,13 @@ until it is asked for.
 from shardattn.kernels import load_backend
 
 # backend name -> module in this folder
-BACKENDS = {"reference": "reference", "xla": "xla", "cudnn": "cudnn", "triton": "triton"}
+BACKENDS = {
+    "reference": "reference",
+    "xla": "xla",
+    "cudnn": "cudnn",
+    "triton": "triton",
+    "pallas": "pallas_tpu",
+}
 
 
 def get_backend(name: str, function: str = "attention"):
