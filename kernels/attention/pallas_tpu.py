@@ -192,18 +192,14 @@ def _plan(q, k, v, bias, sinks, q_seg, kv_seg, q_pos, kv_pos, options, block_siz
 def _dropout_words(dropout_rng, dropout_offsets, options):
     """[6] int32 scalar-prefetch words: seed words (uint32 bits), q/kv/batch/head offsets.
 
-    dropout_offsets: (q_offset, kv_offset) or (q_offset, kv_offset, batch_offset, head_offset); missing
-    ones are 0 (global batch index = local + batch_offset, global query head = local + head_offset).
+    dropout_offsets: as dropout.offsets reads them (2 or 4 entries; missing ones are 0).
     """
     if options.dropout_rate == 0:
         return jnp.zeros((6,), jnp.int32)
-    offsets = tuple(dropout_offsets or ())
-    if len(offsets) not in (0, 2, 4):
-        raise ValueError(f"dropout_offsets must have 2 or 4 entries, got {len(offsets)}")
-    offsets = offsets + (0,) * (4 - len(offsets))
+    offsets = dropout.offsets(dropout_offsets)
     s0, s1 = dropout.seed_words(dropout_rng)
     seeds = jax.lax.bitcast_convert_type(jnp.stack([s0, s1]), jnp.int32)
-    return jnp.concatenate([seeds, jnp.stack([jnp.asarray(x, jnp.int32) for x in offsets])])
+    return jnp.concatenate([seeds, jnp.stack(offsets)])
 
 
 # ------------------------------------------------------------------------------------------ layout
