@@ -397,6 +397,9 @@ def backward(
 # --------------------------------------------------------------------------------------- custom_vjp
 
 
+# Not halves.differentiable (the xla and triton glue): the plan is made outside the custom_vjp, where
+# positions given as numpy arrays are still concrete and shrink the key axis of the grid; inside, they
+# would be tracers. The plan (static config, block ranges) then serves both halves.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attention(cfg, q, k, v, bias, sinks, ints):
     q_seg, kv_seg, q_pos, kv_pos, drop, ranges = ints
