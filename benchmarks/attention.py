@@ -19,7 +19,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -124,7 +123,7 @@ def main(argv=None):
         args.warmup, args.rounds, args.inner = 1, 3, 1
 
     import jax
-    from timing import copy_bandwidth_gbs
+    from timing import copy_bandwidth_gbs, environment
 
     on_gpu = jax.default_backend() == "gpu"
     impls = args.impl.split(",") if args.impl else (["cudnn", "xla"] if on_gpu else ["xla"])
@@ -190,16 +189,10 @@ def main(argv=None):
         out = os.path.join(RESULTS, f"attention_{slug}_{datetime.date.today().isoformat()}.json")
     if out:
         result = {
-            "device": device.device_kind,
-            "backend": jax.default_backend(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **environment(),
+            "jaxlib": _version("jaxlib"),
             "copy_bandwidth_gbs": bw,
             "matmul_tflops": {"dtype": dtype, "rate": rate},
-            "versions": {
-                "python": platform.python_version(),
-                "jax": jax.__version__,
-                "jaxlib": _version("jaxlib"),
-            },  # fmt: skip
             "timing": {
                 "warmup": args.warmup,
                 "rounds": args.rounds,

@@ -20,7 +20,6 @@ import dataclasses
 import datetime
 import json
 import os
-import platform
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -175,7 +174,7 @@ def main(argv=None):
         args.warmup, args.rounds, args.inner = 1, 2, 1
 
     import jax
-    from timing import copy_bandwidth_gbs
+    from timing import copy_bandwidth_gbs, environment
 
     from shardattn.kernels.attention import triton as triton_backend
 
@@ -241,12 +240,9 @@ def main(argv=None):
         out = os.path.join(RESULTS, f"attention_triton_{slug}_{datetime.date.today().isoformat()}.json")
     if out:
         result = {
-            "device": device.device_kind,
-            "backend": jax.default_backend(),
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **environment(),
             "copy_bandwidth_gbs": bw,
             "matmul_tflops": {"dtype": dtype, "rate": rate},
-            "versions": {"python": platform.python_version(), "jax": jax.__version__},
             "timing": {
                 "warmup": args.warmup,
                 "rounds": args.rounds,
