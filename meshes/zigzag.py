@@ -18,6 +18,9 @@ import numpy as np
 
 from shardattn.meshes.specs import axis_size, resolve_axes
 
+# Sequence layouts on a mesh's sequence axis, for sharded_lightning and sharded_attention alike.
+LAYOUTS = ("contiguous", "zigzag")
+
 
 def zigzag_order(num_shards: int) -> np.ndarray:
     """Chunk indices in zigzag order: [0, 2P-1, 1, 2P-2, ...] (shard r holds entries 2r and 2r + 1)."""

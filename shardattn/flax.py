@@ -15,9 +15,9 @@ from shardattn.attention import flash_attention
 from shardattn.decay import decay_slopes
 from shardattn.lightning import lightning_attention
 from shardattn.meshes.specs import check_axes_used, resolve_axes
-from shardattn.sharded import LAYOUTS as LIGHTNING_LAYOUTS
+from shardattn.meshes.zigzag import LAYOUTS
 from shardattn.sharded import SCANS, sharded_lightning
-from shardattn.sharded_attention import LAYOUTS, STRATEGIES, sharded_attention
+from shardattn.sharded_attention import STRATEGIES, sharded_attention
 
 # learnable_decay: slopes = softplus(p), which is >= 0 for every p but reaches 0 only at p = -inf. A
 # preset slope of 0 (the "transnormer" preset's head 0, which does not decay) starts at this floor
@@ -92,8 +92,8 @@ class LightningAttention(nnx.Module):
         preset = decay_slopes(num_heads, layer_idx, num_layers, decay)
         if not isinstance(scan, str) or scan not in SCANS:
             raise ValueError(f"scan={scan!r} must be one of {SCANS}")
-        if not isinstance(layout, str) or layout not in LIGHTNING_LAYOUTS:
-            raise ValueError(f"layout={layout!r} must be one of {LIGHTNING_LAYOUTS}")
+        if not isinstance(layout, str) or layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} must be one of {LAYOUTS}")
         if not isinstance(learnable_decay, bool):
             raise TypeError(f"learnable_decay must be a bool, got {type(learnable_decay).__name__}")
         if mesh is None:

@@ -40,9 +40,9 @@ from shardattn.kernels.lightning.xla import weighted_state
 from shardattn.lightning import check_and_derive, forward_mode_error, is_forward_mode_refusal, run_backends
 from shardattn.meshes.specs import axis_size, check_axes_used, resolve_axes
 from shardattn.meshes.specs import place as place_on
+from shardattn.meshes.zigzag import LAYOUTS
 
 SCANS = ("auto", "ring", "tree", "allgather")
-LAYOUTS = ("contiguous", "zigzag")
 
 # scan="auto" picks "allgather" up to this many sequence shards, "tree" above. Why: allgather is one
 # collective (one latency, bandwidth-optimal on NVLink/ICI) and its local prefix sum over P states is

@@ -53,10 +53,9 @@ from shardattn.kernels.attention import get_backend
 from shardattn.kernels.attention.options import AttentionOptions
 from shardattn.meshes.specs import axis_size, resolve_axes
 from shardattn.meshes.specs import place as place_on
-from shardattn.meshes.zigzag import zigzag_order
+from shardattn.meshes.zigzag import LAYOUTS, zigzag_order
 
 STRATEGIES = ("auto", "ring", "allgather", "ulysses")
-LAYOUTS = ("contiguous", "zigzag")
 
 # strategy="auto" (a model, not a measurement; GPU numbers will move it):
 # - "ulysses" when H and Hkv divide by P and there is no bias: per device it moves (P-1)/P of its q, k, v
