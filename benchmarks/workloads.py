@@ -26,6 +26,7 @@ WORKLOADS = {
     "b1-t32k-h16-d128": Workload(1, 32768, 16, 16, 128),
     "b8-t4k-h32-d64": Workload(8, 4096, 32, 32, 64),
     "b2-t16k-h64-d128": Workload(2, 16384, 64, 64, 128),
+    "b1-t128k-h16-d128": Workload(1, 131072, 16, 16, 128),  # one long sequence (issue 17's fourth workload)
     # CPU smoke run of the benchmark itself
     "tiny": Workload(1, 256, 4, 2, 32, "float32"),
 }
