@@ -39,8 +39,9 @@ def parts(w, warmup, rounds, inner):
         return tri._lightning(q, k, v, slopes, None, None, opts)[0]
 
     def fwd_states(q, k, v):
-        o, _, st = tri._forward_pass(q, k, v, slopes, None, None, scale=scale, reverse=False, store_states=True,
-                                     out_dtype=q.dtype, blocks=blocks, state_dtype=state_dtype)
+        o, _, st = tri._forward_pass(q, k, v, slopes, None, None, scale=scale, reverse=False,
+                                     store_states=True, out_dtype=q.dtype, blocks=blocks,
+                                     state_dtype=state_dtype)
         return o, st
 
     dfinal = jnp.zeros((w.B, w.H, w.D, w.D), jnp.float32)
@@ -52,7 +53,8 @@ def parts(w, warmup, rounds, inner):
         return tri._bwd_parallel(opts, blocks, q, k, v, slopes, None, None, do, dfinal, states)[:3]
 
     def fwd_bwd(q, k, v, do):
-        o, pullback = jax.vjp(lambda q, k, v: tri.lightning_attention(q, k, v, slopes, scale=scale)[0], q, k, v)
+        attn = lambda q, k, v: tri.lightning_attention(q, k, v, slopes, scale=scale)[0]  # noqa: E731
+        o, pullback = jax.vjp(attn, q, k, v)
         return pullback(do)
 
     _, states = jax.jit(fwd_states)(q, k, v)
