@@ -29,6 +29,7 @@ Backward (no per-token state kept; residuals are q, k, v and, for bf16/fp16, S_i
         intra pairs:          -scale sum_{i>=j} (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j)
         keys into S_out:      -sum_j (l-1-j) k_j . [lam^(l-1-j) G v_j]
         queries from S_in:    -scale <S_in, sum_i (i+1) lam^(i+1) q_i^T dO_i>
+                              (chunk-parallel: -scale sum_i (i+1) q_i . [lam^(i+1) dO_i S_in^T], dq's term)
         S_in carried to S_out: -l lam^l <G, S_in>
     (A closed form over global positions, sum_i i dO_i.o_i - sum_j j dk_j.k_j, cancels catastrophically
     in bf16: two O(T) sums whose difference is O(1/slope).)
