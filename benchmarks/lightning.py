@@ -234,7 +234,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=7, help="timed rounds (median taken)")
     p.add_argument("--inner", type=int, default=5, help="back-to-back calls per round")
     p.add_argument("--reps", type=int, default=25, help="fla: timed calls (median taken)")
-    p.add_argument("--fla-timeout", type=int, default=300, help="fla: seconds before the child is stopped")
+    # fla autotunes its forward and backward kernels per head dim on first use: on an H200 with a cold
+    # Triton cache three workloads (D = 128 and 64) took over 240 s, four took under 420 s.
+    p.add_argument("--fla-timeout", type=int, default=480, help="fla: seconds before the child is stopped")
     p.add_argument("--sweep", default="", help=f"Triton block-size variants to time first: {list(SWEEP)}")
     p.add_argument("--fla-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
