@@ -17,6 +17,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lightning import LAYER_IDX, NUM_LAYERS, _inputs  # noqa: E402
+from timing import add_run_arguments  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
@@ -83,11 +84,7 @@ def parts(w, warmup, rounds, inner):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", default="b4-t8k-h16-d128,b1-t32k-h16-d128,b8-t4k-h32-d64")
-    p.add_argument("--out", default=None)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--inner", type=int, default=5)
+    add_run_arguments(p, "b4-t8k-h16-d128,b1-t32k-h16-d128,b8-t4k-h32-d64")
     args = p.parse_args(argv)
 
     import jax

@@ -9,6 +9,15 @@ import jax
 import jax.numpy as jnp
 
 
+def add_run_arguments(parser, workloads: str) -> None:
+    """The options every A/B script of the Triton lightning backend takes: workloads, output, timing."""
+    parser.add_argument("--workloads", default=workloads, help="comma-separated names from workloads.py")
+    parser.add_argument("--out", default=None, help="JSON path")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7, help="timed rounds (median taken)")
+    parser.add_argument("--inner", type=int, default=5, help="back-to-back calls per round")
+
+
 def time_call(fn, *args, warmup: int = 2, repeats: int = 10, inner: int = 1) -> float:
     """Median over `repeats` rounds of the mean wall time in ms of `inner` back-to-back calls of fn(*args)
     (a jitted function), synchronised on the outputs at the end of each round."""
