@@ -50,8 +50,7 @@ def _inputs(w: AttentionWorkload, seed=0):
 
 
 def time_backend(impl: str, w: AttentionWorkload, warmup: int, rounds: int, inner: int) -> dict:
-    import jax
-    from timing import time_call
+    from timing import time_fwd_bwd
 
     import shardattn
 
@@ -61,17 +60,7 @@ def time_backend(impl: str, w: AttentionWorkload, warmup: int, rounds: int, inne
         return shardattn.flash_attention(q, k, v, causal=w.causal, sliding_window=w.window,
                                          logits_soft_cap=w.soft_cap, implementation=impl)  # fmt: skip
 
-    fwd = jax.jit(attn)
-
-    @jax.jit
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(attn, q, k, v)
-        return o, vjp(do)
-
-    return {
-        "fwd_ms": time_call(fwd, q, k, v, warmup=warmup, repeats=rounds, inner=inner),
-        "fwd_bwd_ms": time_call(fwd_bwd, q, k, v, do, warmup=warmup, repeats=rounds, inner=inner),
-    }
+    return time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner)
 
 
 def matmul_tflops(dtype: str, n: int) -> float:

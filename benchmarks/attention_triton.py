@@ -115,22 +115,11 @@ def _callable(impl: str, w: AttentionWorkload, extra: Extra, kw: dict, blocks):
 
 
 def time_row(impl, w, extra, blocks, warmup, rounds, inner) -> dict:
-    import jax
-    from timing import time_call
+    from timing import time_fwd_bwd
 
     q, k, v, do, kw = _inputs(w, extra)
     attn = _callable(impl, w, extra, kw, blocks)
-    fwd = jax.jit(attn)
-
-    @jax.jit
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(attn, q, k, v)
-        return o, vjp(do)
-
-    return {
-        "fwd_ms": time_call(fwd, q, k, v, warmup=warmup, repeats=rounds, inner=inner),
-        "fwd_bwd_ms": time_call(fwd_bwd, q, k, v, do, warmup=warmup, repeats=rounds, inner=inner),
-    }
+    return time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner)
 
 
 def parse_blocks(spec: str):

@@ -48,8 +48,7 @@ def _inputs(w, seed=0):
 
 
 def time_jax(impl, w, warmup, rounds, inner):
-    import jax
-    from timing import time_call
+    from timing import time_fwd_bwd
 
     import shardattn
 
@@ -59,17 +58,7 @@ def time_jax(impl, w, warmup, rounds, inner):
     def attn(q, k, v):
         return shardattn.lightning_attention(q, k, v, slopes=slopes, implementation=impl)
 
-    fwd = jax.jit(attn)
-
-    @jax.jit
-    def fwd_bwd(q, k, v, do):
-        o, vjp = jax.vjp(attn, q, k, v)
-        return o, vjp(do)
-
-    return {
-        "fwd_ms": time_call(fwd, q, k, v, warmup=warmup, repeats=rounds, inner=inner),
-        "fwd_bwd_ms": time_call(fwd_bwd, q, k, v, do, warmup=warmup, repeats=rounds, inner=inner),
-    }
+    return time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner)
 
 
 # Block-size variants of the Triton backend tried by --sweep (fields of triton.BlockSizes).

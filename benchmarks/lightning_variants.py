@@ -29,9 +29,8 @@ def _load(name, path):
 
 
 def time_variant(module, w, warmup, rounds, inner):
-    import jax
     import jax.numpy as jnp
-    from timing import time_call
+    from timing import fwd_and_fwd_bwd, time_fwd_bwd
 
     import shardattn
 
@@ -42,14 +41,9 @@ def time_variant(module, w, warmup, rounds, inner):
     def attn(q, k, v):
         return module.lightning_attention(q, k, v, slopes, scale=scale)[0]
 
-    def fwd_bwd(q, k, v, do):
-        o, pullback = jax.vjp(attn, q, k, v)
-        return pullback(do)
-
-    fwd = time_call(jax.jit(attn), q, k, v, warmup=warmup, repeats=rounds, inner=inner)
-    both = time_call(jax.jit(fwd_bwd), q, k, v, do, warmup=warmup, repeats=rounds, inner=inner)
-    values = (jax.jit(attn)(q, k, v),) + tuple(jax.jit(fwd_bwd)(q, k, v, do))
-    return {"fwd_ms": fwd, "fwd_bwd_ms": both}, values
+    times = time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner)
+    o, grads = fwd_and_fwd_bwd(attn)[1](q, k, v, do)
+    return times, (o,) + tuple(grads)
 
 
 def rel_rms(a, b):

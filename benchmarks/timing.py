@@ -33,6 +33,26 @@ def time_call(fn, *args, warmup: int = 2, repeats: int = 10, inner: int = 1) -> 
     return 1e3 * statistics.median(times)
 
 
+def fwd_and_fwd_bwd(attn):
+    """jax.jit(attn) and a jitted (q, k, v, dO) -> (o, (dq, dk, dv)) through jax.vjp; attn(q, k, v) -> o."""
+
+    @jax.jit
+    def fwd_bwd(q, k, v, do):
+        o, pullback = jax.vjp(attn, q, k, v)
+        return o, pullback(do)
+
+    return jax.jit(attn), fwd_bwd
+
+
+def time_fwd_bwd(attn, q, k, v, do, *, warmup: int, rounds: int, inner: int) -> dict:
+    """{"fwd_ms", "fwd_bwd_ms"} of attn(q, k, v) -> o (time_call of both functions of fwd_and_fwd_bwd)."""
+    fwd, fwd_bwd = fwd_and_fwd_bwd(attn)
+    return {
+        "fwd_ms": time_call(fwd, q, k, v, warmup=warmup, repeats=rounds, inner=inner),
+        "fwd_bwd_ms": time_call(fwd_bwd, q, k, v, do, warmup=warmup, repeats=rounds, inner=inner),
+    }
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 30, device=None) -> float:
     """Device memory bandwidth in GB/s measured by copying a buffer (bytes read + bytes written)."""
     device = device or jax.devices()[0]
