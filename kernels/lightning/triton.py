@@ -503,16 +503,17 @@ def _kernels():
 def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
     """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature."""
     if triton_interpret.enabled():  # development/CPU tests: Triton's interpreter, no GPU
-        return triton_interpret.launch(kernel, grid, inputs, out_shapes, **constexprs)
-    import jax_triton as jt
+        outputs = triton_interpret.launch(kernel, grid, inputs, out_shapes, **constexprs)
+    else:
+        import jax_triton as jt
 
-    outputs = jt.triton_call(
-        *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
-        num_warps=num_warps, num_stages=num_stages, **constexprs,
-    )
-    # Inside shard_map, triton_call's outputs are typed as varying over no mesh axis; they vary like the
-    # data they were computed from. (This runs inside the custom_vjp rules, so the cast is never
-    # differentiated: no psum of a per-shard value.)
+        outputs = jt.triton_call(
+            *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
+            num_warps=num_warps, num_stages=num_stages, **constexprs,
+        )
+    # Inside shard_map, the launch's outputs (triton_call's, or the interpreter's pure_callback's) are
+    # typed as varying over no mesh axis; they vary like the data they were computed from. (This runs
+    # inside the custom_vjp rules, so the cast is never differentiated: no psum of a per-shard value.)
     arrays = [x for x in inputs if isinstance(x, jax.Array)]
     if isinstance(outputs, (tuple, list)):
         return type(outputs)(match_varying(o, *arrays) for o in outputs)
