@@ -52,6 +52,33 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(base, offs, ok, STRIDE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    # Rows `offs` (valid where ok) of a token-major tensor with row stride STRIDE: columns [0, D) padded to
+    # BD with zeros.
+    rd = tl.arange(0, BD)
+    return tl.load(base + offs[:, None] * STRIDE + rd[None, :], mask=ok[:, None] & (rd[None, :] < D),
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _store_tile(base, offs, ok, x, STRIDE: tl.constexpr, D: tl.constexpr, BD: tl.constexpr):
+    # _load_tile's rows and columns, written with x (cast to the buffer's dtype).
+    rd = tl.arange(0, BD)
+    tl.store(base + offs[:, None] * STRIDE + rd[None, :], x.to(base.dtype.element_ty),
+             mask=ok[:, None] & (rd[None, :] < D))  # fmt: skip
+
+
+@triton.jit
+def _positions(pos_base, seg_base, offs, ok, HAS_SEG: tl.constexpr):
+    # (positions, segment ids) of tokens `offs`; the positions stand in for the ids without segments.
+    pos = tl.load(pos_base + offs, mask=ok, other=0)
+    seg = pos
+    if HAS_SEG:
+        seg = tl.load(seg_base + offs, mask=ok, other=0)
+    return pos, seg
+
+
+@triton.jit
 def _tanh(x, FAST: tl.constexpr):
     if FAST:
         # One MUFU instruction (relative error ~2^-11, below bf16's 2^-8): the exact form below costs an
@@ -159,21 +186,11 @@ def _fwd_blocks(
     IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     # Key blocks [lo, hi) of one query block; MASKED=False only for blocks where every pair is allowed.
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     for j in range(lo, hi):
         offs_k = j * BK + tl.arange(0, BK)
         k_ok = offs_k < S
-        k = tl.load(
-            k_base + offs_k[:, None] * (HKV * DK) + rd[None, :],
-            mask=k_ok[:, None] & (rd[None, :] < DK),
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + offs_k[:, None] * (HKV * DV) + rdv[None, :],
-            mask=k_ok[:, None] & (rdv[None, :] < DV),
-            other=0.0,
-        )
+        k = _load_tile(k_base, offs_k, k_ok, HKV * DK, DK, BD)
+        v = _load_tile(v_base, offs_k, k_ok, HKV * DV, DV, BDV)
         bias = 0.0
         if HAS_BIAS:
             bias = tl.load(
@@ -183,10 +200,7 @@ def _fwd_blocks(
             ).to(tl.float32)
         s2, _ = _logits(_dot(q, tl.trans(k), IEEE), bias, SCALE, SOFT_CAP, HAS_BIAS, FAST_TANH)
         if MASKED:
-            kp = tl.load(kvpos_base + offs_k, mask=k_ok, other=0)
-            ks = kp
-            if HAS_SEG:
-                ks = tl.load(kvseg_base + offs_k, mask=k_ok, other=0)
+            kp, ks = _positions(kvpos_base, kvseg_base, offs_k, k_ok, HAS_SEG)
             allowed = _allowed(
                 qp[:, None],
                 kp[None, :],
@@ -242,18 +256,9 @@ def fwd_kernel(
     b64 = b.to(tl.int64)
     offs_q = i * BQ + tl.arange(0, BQ)
     q_ok = offs_q < T
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
 
-    q = tl.load(
-        q_ptr + (b64 * T * H + h) * DK + offs_q[:, None] * (H * DK) + rd[None, :],
-        mask=q_ok[:, None] & (rd[None, :] < DK),
-        other=0.0,
-    )
-    qp = tl.load(qpos_ptr + b64 * T + offs_q, mask=q_ok, other=0)
-    qs = qp
-    if HAS_SEG:
-        qs = tl.load(qseg_ptr + b64 * T + offs_q, mask=q_ok, other=0)
+    q = _load_tile(q_ptr + (b64 * T * H + h) * DK, offs_q, q_ok, H * DK, DK, BD)
+    qp, qs = _positions(qpos_ptr + b64 * T, qseg_ptr + b64 * T, offs_q, q_ok, HAS_SEG)
     rowh = offs_q.to(tl.uint32)
     if DROPOUT:
         rowh = _row_hash(drop_ptr, b, h, offs_q)
@@ -302,11 +307,7 @@ def fwd_kernel(
     den_safe = tl.where(nonempty, den, 1.0)
     o = acc / den_safe[:, None]
     lse = tl.where(nonempty, (m + tl.log2(den_safe)) * LN2, float("-inf"))
-    tl.store(
-        o_ptr + (b64 * T * H + h) * DV + offs_q[:, None] * (H * DV) + rdv[None, :],
-        o.to(o_ptr.dtype.element_ty),
-        mask=q_ok[:, None] & (rdv[None, :] < DV),
-    )
+    _store_tile(o_ptr + (b64 * T * H + h) * DV, offs_q, q_ok, o, H * DV, DV, BDV)
     tl.store(lse_ptr + (b64 * H + h) * T + offs_q, lse, mask=q_ok)
 
 
@@ -328,21 +329,11 @@ def _dkdv_blocks(
     IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     # Query blocks [lo, hi) of one key block, one query head; every block is [BK, BQ] (keys as rows).
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     for i in range(lo, hi):
         offs_q = i * BQ + tl.arange(0, BQ)
         q_ok = offs_q < T
-        q = tl.load(
-            q_base + offs_q[:, None] * (H * DK) + rd[None, :],
-            mask=q_ok[:, None] & (rd[None, :] < DK),
-            other=0.0,
-        )
-        do = tl.load(
-            do_base + offs_q[:, None] * (H * DV) + rdv[None, :],
-            mask=q_ok[:, None] & (rdv[None, :] < DV),
-            other=0.0,
-        )
+        q = _load_tile(q_base, offs_q, q_ok, H * DK, DK, BD)
+        do = _load_tile(do_base, offs_q, q_ok, H * DV, DV, BDV)
         lse = tl.load(lse_base + offs_q, mask=q_ok, other=0.0)
         lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty row: p = 0
         delta = tl.load(delta_base + offs_q, mask=q_ok, other=0.0)
@@ -357,10 +348,7 @@ def _dkdv_blocks(
         p = tl.exp2(s2 - lse2[None, :])
         dp = _dot(v, tl.trans(do), IEEE)  # [BK, BQ]
         if MASKED:
-            qp = tl.load(qpos_base + offs_q, mask=q_ok, other=0)
-            qs = qp
-            if HAS_SEG:
-                qs = tl.load(qseg_base + offs_q, mask=q_ok, other=0)
+            qp, qs = _positions(qpos_base, qseg_base, offs_q, q_ok, HAS_SEG)
             allowed = _allowed(
                 qp[None, :],
                 kp[:, None],
@@ -413,23 +401,10 @@ def dkdv_kernel(
     b64 = b.to(tl.int64)
     offs_k = j * BK + tl.arange(0, BK)
     k_ok = offs_k < S
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     kv_rows = b64 * S * HKV + hk
-    k = tl.load(
-        k_ptr + kv_rows * DK + offs_k[:, None] * (HKV * DK) + rd[None, :],
-        mask=k_ok[:, None] & (rd[None, :] < DK),
-        other=0.0,
-    )
-    v = tl.load(
-        v_ptr + kv_rows * DV + offs_k[:, None] * (HKV * DV) + rdv[None, :],
-        mask=k_ok[:, None] & (rdv[None, :] < DV),
-        other=0.0,
-    )
-    kp = tl.load(kvpos_ptr + b64 * S + offs_k, mask=k_ok, other=0)
-    ks = kp
-    if HAS_SEG:
-        ks = tl.load(kvseg_ptr + b64 * S + offs_k, mask=k_ok, other=0)
+    k = _load_tile(k_ptr + kv_rows * DK, offs_k, k_ok, HKV * DK, DK, BD)
+    v = _load_tile(v_ptr + kv_rows * DV, offs_k, k_ok, HKV * DV, DV, BDV)
+    kp, ks = _positions(kvpos_ptr + b64 * S, kvseg_ptr + b64 * S, offs_k, k_ok, HAS_SEG)
     keyh = offs_k.to(tl.uint32)
     if DROPOUT:
         keyh = _key_hash(drop_ptr, offs_k)
@@ -469,16 +444,8 @@ def dkdv_kernel(
             True,
         )  # fmt: skip
     dk = dk * SCALE
-    tl.store(
-        dk_ptr + kv_rows * DK + offs_k[:, None] * (HKV * DK) + rd[None, :],
-        dk.to(dk_ptr.dtype.element_ty),
-        mask=k_ok[:, None] & (rd[None, :] < DK),
-    )
-    tl.store(
-        dv_ptr + kv_rows * DV + offs_k[:, None] * (HKV * DV) + rdv[None, :],
-        dv.to(dv_ptr.dtype.element_ty),
-        mask=k_ok[:, None] & (rdv[None, :] < DV),
-    )
+    _store_tile(dk_ptr + kv_rows * DK, offs_k, k_ok, dk, HKV * DK, DK, BD)
+    _store_tile(dv_ptr + kv_rows * DV, offs_k, k_ok, dv, HKV * DV, DV, BDV)
 
 
 @triton.jit
@@ -492,21 +459,11 @@ def _dq_blocks(
     IEEE: tl.constexpr, MASKED: tl.constexpr,
 ):  # fmt: skip
     # Key blocks [lo, hi) of one query block: dq, and dS per pair into dbias when there is a bias.
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     for j in range(lo, hi):
         offs_k = j * BK + tl.arange(0, BK)
         k_ok = offs_k < S
-        k = tl.load(
-            k_base + offs_k[:, None] * (HKV * DK) + rd[None, :],
-            mask=k_ok[:, None] & (rd[None, :] < DK),
-            other=0.0,
-        )
-        v = tl.load(
-            v_base + offs_k[:, None] * (HKV * DV) + rdv[None, :],
-            mask=k_ok[:, None] & (rdv[None, :] < DV),
-            other=0.0,
-        )
+        k = _load_tile(k_base, offs_k, k_ok, HKV * DK, DK, BD)
+        v = _load_tile(v_base, offs_k, k_ok, HKV * DV, DV, BDV)
         bias = 0.0
         if HAS_BIAS:
             bias = tl.load(
@@ -518,10 +475,7 @@ def _dq_blocks(
         p = tl.exp2(s2 - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)  # [BQ, BK]
         if MASKED:
-            kp = tl.load(kvpos_base + offs_k, mask=k_ok, other=0)
-            ks = kp
-            if HAS_SEG:
-                ks = tl.load(kvseg_base + offs_k, mask=k_ok, other=0)
+            kp, ks = _positions(kvpos_base, kvseg_base, offs_k, k_ok, HAS_SEG)
             allowed = _allowed(
                 qp[:, None],
                 kp[None, :],
@@ -579,26 +533,13 @@ def dq_kernel(
     b64 = b.to(tl.int64)
     offs_q = i * BQ + tl.arange(0, BQ)
     q_ok = offs_q < T
-    rd = tl.arange(0, BD)
-    rdv = tl.arange(0, BDV)
     q_rows = b64 * T * H + h
-    q = tl.load(
-        q_ptr + q_rows * DK + offs_q[:, None] * (H * DK) + rd[None, :],
-        mask=q_ok[:, None] & (rd[None, :] < DK),
-        other=0.0,
-    )
-    do = tl.load(
-        do_ptr + q_rows * DV + offs_q[:, None] * (H * DV) + rdv[None, :],
-        mask=q_ok[:, None] & (rdv[None, :] < DV),
-        other=0.0,
-    )
+    q = _load_tile(q_ptr + q_rows * DK, offs_q, q_ok, H * DK, DK, BD)
+    do = _load_tile(do_ptr + q_rows * DV, offs_q, q_ok, H * DV, DV, BDV)
     lse = tl.load(lse_ptr + (b64 * H + h) * T + offs_q, mask=q_ok, other=0.0)
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     delta = tl.load(delta_ptr + (b64 * H + h) * T + offs_q, mask=q_ok, other=0.0)
-    qp = tl.load(qpos_ptr + b64 * T + offs_q, mask=q_ok, other=0)
-    qs = qp
-    if HAS_SEG:
-        qs = tl.load(qseg_ptr + b64 * T + offs_q, mask=q_ok, other=0)
+    qp, qs = _positions(qpos_ptr + b64 * T, qseg_ptr + b64 * T, offs_q, q_ok, HAS_SEG)
     rowh = offs_q.to(tl.uint32)
     if DROPOUT:
         rowh = _row_hash(drop_ptr, b, h, offs_q)
@@ -634,8 +575,4 @@ def dq_kernel(
         LEFT, RIGHT, HAS_SEG, HAS_BIAS, DROPOUT, DROP_SCALE, IEEE, True,
     )  # fmt: skip
     dq = dq * SCALE
-    tl.store(
-        dq_ptr + q_rows * DK + offs_q[:, None] * (H * DK) + rd[None, :],
-        dq.to(dq_ptr.dtype.element_ty),
-        mask=q_ok[:, None] & (rd[None, :] < DK),
-    )
+    _store_tile(dq_ptr + q_rows * DK, offs_q, q_ok, dq, H * DK, DK, BD)
