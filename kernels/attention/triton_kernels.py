@@ -176,6 +176,30 @@ def _logits(
 
 
 @triton.jit
+def _key_block(
+    q, q_ok, offs_q, j, k_base, v_base, bias_base,
+    S: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BD: tl.constexpr,
+    BDV: tl.constexpr, BK: tl.constexpr, SCALE: tl.constexpr, SOFT_CAP: tl.constexpr, FAST_TANH: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    # Key block j of one query block (the forward's and dq's loops): its keys, k, v, and the base-2
+    # logits with the soft cap's tanh (see _logits).
+    offs_k = j * BK + tl.arange(0, BK)
+    k_ok = offs_k < S
+    k = _load_tile(k_base, offs_k, k_ok, HKV * DK, DK, BD)
+    v = _load_tile(v_base, offs_k, k_ok, HKV * DV, DV, BDV)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(
+            bias_base + offs_q[:, None] * S + offs_k[None, :],
+            mask=q_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    s2, t = _logits(_dot(q, tl.trans(k), IEEE), bias, SCALE, SOFT_CAP, HAS_BIAS, FAST_TANH)
+    return offs_k, k_ok, k, v, s2, t
+
+
+@triton.jit
 def _fwd_blocks(
     acc, m, den, q, qp, qs, q_ok, rowh, offs_q, lo, hi,
     k_base, v_base, kvpos_base, kvseg_base, bias_base, drop_ptr,
@@ -187,32 +211,15 @@ def _fwd_blocks(
 ):  # fmt: skip
     # Key blocks [lo, hi) of one query block; MASKED=False only for blocks where every pair is allowed.
     for j in range(lo, hi):
-        offs_k = j * BK + tl.arange(0, BK)
-        k_ok = offs_k < S
-        k = _load_tile(k_base, offs_k, k_ok, HKV * DK, DK, BD)
-        v = _load_tile(v_base, offs_k, k_ok, HKV * DV, DV, BDV)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(
-                bias_base + offs_q[:, None] * S + offs_k[None, :],
-                mask=q_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        s2, _ = _logits(_dot(q, tl.trans(k), IEEE), bias, SCALE, SOFT_CAP, HAS_BIAS, FAST_TANH)
+        offs_k, k_ok, k, v, s2, _ = _key_block(
+            q, q_ok, offs_q, j, k_base, v_base, bias_base,
+            S, HKV, DK, DV, BD, BDV, BK, SCALE, SOFT_CAP, FAST_TANH, HAS_BIAS, IEEE,
+        )  # fmt: skip
         if MASKED:
             kp, ks = _positions(kvpos_base, kvseg_base, offs_k, k_ok, HAS_SEG)
-            allowed = _allowed(
-                qp[:, None],
-                kp[None, :],
-                qs[:, None],
-                ks[None, :],
-                q_ok[:, None] & k_ok[None, :],
-                CAUSAL,
-                WINDOW,
-                LEFT,
-                RIGHT,
-                HAS_SEG,
-            )
+            pair_ok = q_ok[:, None] & k_ok[None, :]
+            allowed = _allowed(qp[:, None], kp[None, :], qs[:, None], ks[None, :], pair_ok,
+                               CAUSAL, WINDOW, LEFT, RIGHT, HAS_SEG)  # fmt: skip
             s2 = tl.where(allowed, s2, MASK_VALUE)
             seen = tl.max(allowed.to(tl.int32), axis=0) > 0  # [BK]: some row of the block sees key j
             v = tl.where(seen[:, None], v, 0.0)
@@ -460,34 +467,17 @@ def _dq_blocks(
 ):  # fmt: skip
     # Key blocks [lo, hi) of one query block: dq, and dS per pair into dbias when there is a bias.
     for j in range(lo, hi):
-        offs_k = j * BK + tl.arange(0, BK)
-        k_ok = offs_k < S
-        k = _load_tile(k_base, offs_k, k_ok, HKV * DK, DK, BD)
-        v = _load_tile(v_base, offs_k, k_ok, HKV * DV, DV, BDV)
-        bias = 0.0
-        if HAS_BIAS:
-            bias = tl.load(
-                bias_base + offs_q[:, None] * S + offs_k[None, :],
-                mask=q_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-        s2, t = _logits(_dot(q, tl.trans(k), IEEE), bias, SCALE, SOFT_CAP, HAS_BIAS, FAST_TANH)
+        offs_k, k_ok, k, v, s2, t = _key_block(
+            q, q_ok, offs_q, j, k_base, v_base, bias_base,
+            S, HKV, DK, DV, BD, BDV, BK, SCALE, SOFT_CAP, FAST_TANH, HAS_BIAS, IEEE,
+        )  # fmt: skip
         p = tl.exp2(s2 - lse2[:, None])
         dp = _dot(do, tl.trans(v), IEEE)  # [BQ, BK]
         if MASKED:
             kp, ks = _positions(kvpos_base, kvseg_base, offs_k, k_ok, HAS_SEG)
-            allowed = _allowed(
-                qp[:, None],
-                kp[None, :],
-                qs[:, None],
-                ks[None, :],
-                q_ok[:, None] & k_ok[None, :],
-                CAUSAL,
-                WINDOW,
-                LEFT,
-                RIGHT,
-                HAS_SEG,
-            )
+            pair_ok = q_ok[:, None] & k_ok[None, :]
+            allowed = _allowed(qp[:, None], kp[None, :], qs[:, None], ks[None, :], pair_ok,
+                               CAUSAL, WINDOW, LEFT, RIGHT, HAS_SEG)  # fmt: skip
             p = tl.where(allowed, p, 0.0)
             seen = tl.max(allowed.to(tl.int32), axis=0) > 0
             k = tl.where(seen[:, None], k, 0.0)
