@@ -5,15 +5,21 @@ prints ptxas's registers and spills per kernel, dtype, head dim and feature set 
     python benchmarks/attention_triton_ptxas.py --dims 128 --dtypes bf16 --blocks fwd_q=128,fwd_k=128
 
 A cheap first filter for block-size choices before GPU time: spills (local memory traffic) are what
-ruled out pipelining for float32 (stages > 1 spilled tens of KB). Do not run with TRITON_INTERPRET=1.
+ruled out pipelining for float32 (stages > 1 spilled tens of KB). Each line ends with the PTX's opcode
+digest (ptx_digest.py): equal digests on two checkouts mean a source refactor changed no instructions.
+Do not run with TRITON_INTERPRET=1.
 """
 
 import argparse
 import dataclasses
 import os
 import subprocess
+import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ptx_digest import opcode_digest  # noqa: E402
 
 FEATURES = {
     "causal": ("causal",),
@@ -74,7 +80,8 @@ def compile_kernel(name, dtype, d, blocks, features, T=8192):
     mma = (
         "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "fma")
     )
-    return f"{mma}; " + "; ".join(info), seconds, (bq, bk, warps, stages)
+    digest = opcode_digest(compiled.asm["ptx"])
+    return f"{mma}; " + "; ".join(info) + f"; opcodes {digest}", seconds, (bq, bk, warps, stages)
 
 
 def main(argv=None):

@@ -8,7 +8,9 @@ became wgmma: a first look at register pressure before GPU time.
 
 The launches are those of a bf16 forward+backward of the named workloads at the default BlockSizes
 (`_forward_pass`, `_g_walk`, `_bwd_parallel`): the forward walk with and without chunk states, the G walk
-and the chunk-parallel backward kernel. Do not run with TRITON_INTERPRET=1 / SHARDATTN_TRITON_INTERPRET=1.
+and the chunk-parallel backward kernel. Each line ends with the PTX's opcode digest (ptx_digest.py): equal
+digests on two checkouts mean a source change moved no instructions. Do not run with TRITON_INTERPRET=1 /
+SHARDATTN_TRITON_INTERPRET=1.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from ptx_digest import opcode_digest  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
@@ -53,7 +56,7 @@ def compile_launch(kernel, types, meta, warps, stages):
             if "spill" in line or "registers" in line]
     ptx = compiled.asm["ptx"]
     mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
-    return mma, "; ".join(info), compiled.metadata.shared
+    return mma, "; ".join(info) + f"; opcodes {opcode_digest(ptx)}", compiled.metadata.shared
 
 
 def launches(tri, w, change):
