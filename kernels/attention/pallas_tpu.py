@@ -64,7 +64,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas import tpu as pltpu
 
 from shardattn.kernels.attention import dropout
 from shardattn.kernels.attention.options import AttentionOptions
@@ -77,6 +76,7 @@ from shardattn.kernels.attention.pallas_tpu_kernels import (
 )
 from shardattn.kernels.attention.triton import block_pairs, block_ranges
 from shardattn.kernels.lightning.varying import match_varying
+from shardattn.kernels.pallas_interpret import interpret_mode
 
 ROWS = 16  # query blocks are multiples of 16 rows (a packed bfloat16 vreg tile)
 VMEM_BUDGET = 48 * 2**20  # per kernel; v7x has 64 MiB of VMEM per core, v5e/v6e 128 MiB
@@ -111,15 +111,8 @@ def _round_up(x, m):
     return -(-x // m) * m
 
 
-def _interpret_mode():
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return False
-    if platform == "cpu":
-        # The TPU interpreter checks TPU semantics (VMEM/SMEM, block pipeline, out-of-bounds reads;
-        # unwritten memory reads as NaN), so CPU tests catch what a TPU would get wrong.
-        return pltpu.InterpretParams()
-    raise NotImplementedError("the pallas backend targets TPU (Mosaic); use triton or cudnn on GPU")
+def _interpret_mode():  # one name per backend, so that a test can patch this backend's mode
+    return interpret_mode(on_gpu="triton or cudnn")
 
 
 # ---------------------------------------------------------------------------------------- the plan

@@ -35,6 +35,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from shardattn.kernels.lightning.packing import slot_maps
 from shardattn.kernels.lightning.varying import match_varying
+from shardattn.kernels.pallas_interpret import interpret_mode
 
 LANES = 128  # TPU vreg lane width: the last dim of every VMEM block is padded to a multiple of it
 SUBLANE_ROWS = 16  # rows per packed bf16 vreg tile (8 for float32): chunk sizes are multiples of 16
@@ -490,15 +491,8 @@ def _varlen_tables(cu_seqlens, T, num_chunks, chunk, reverse):
     return slot_token, slot_valid, token_slot, (lens, starts, ends, seqs)
 
 
-def _interpret_mode():
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return False
-    if platform == "cpu":
-        # The TPU interpreter checks TPU semantics (VMEM/SMEM, block pipeline, out-of-bounds reads;
-        # unwritten memory reads as NaN), so CPU tests catch what a TPU would get wrong.
-        return pltpu.InterpretParams()
-    raise NotImplementedError("pallas backend targets TPU (Mosaic); use triton on GPU")
+def _interpret_mode():  # one name per backend, so that a test can patch this backend's mode
+    return interpret_mode(on_gpu="triton")
 
 
 def lightning_attention(
