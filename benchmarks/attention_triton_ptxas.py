@@ -6,20 +6,18 @@ prints ptxas's registers and spills per kernel, dtype, head dim and feature set 
 
 A cheap first filter for block-size choices before GPU time: spills (local memory traffic) are what
 ruled out pipelining for float32 (stages > 1 spilled tens of KB). Each line ends with the PTX's opcode
-digest (ptx_digest.py): equal digests on two checkouts mean a source refactor changed no instructions.
+digest (hopper_ptx.py): equal digests on two checkouts mean a source refactor changed no instructions.
 Do not run with TRITON_INTERPRET=1.
 """
 
 import argparse
 import dataclasses
 import os
-import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ptx_digest import opcode_digest  # noqa: E402
+from hopper_ptx import compile_sm90a, dot_lowering, opcode_digest  # noqa: E402
 
 FEATURES = {
     "causal": ("causal",),
@@ -30,9 +28,6 @@ _TYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 def compile_kernel(name, dtype, d, blocks, features, T=8192):
     """ptxas -v's summary line of one kernel (and the compile time in s)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     from shardattn.kernels.attention import triton_kernels
 
     f = set(features)
@@ -53,35 +48,12 @@ def compile_kernel(name, dtype, d, blocks, features, T=8192):
         types = [x] * 4 + ["*fp32"] * 2 + ["*i32"] * 4 + ["*fp32", "*u32", "*i32"]
         types += [x, x] if name == "dkdv_kernel" else [x, "*fp32"]
         meta.update({"NK": T // bk} if name == "dkdv_kernel" else {"NQ": T // bq})
-    kernel = getattr(triton_kernels, name)
-    args = kernel.arg_names[: len(types)]
-    signature = dict(zip(args, types, strict=True)) | {k: "constexpr" for k in meta}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(args))}  # as jax-triton specialises
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=meta, attrs=aligned)
-    start = time.time()
     warps, stages = getattr(blocks, prefix + "_warps"), getattr(blocks, prefix + "_stages")
-    compiled = triton.compile(
-        src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages)
-    )
+    start = time.time()
+    compiled, info = compile_sm90a(getattr(triton_kernels, name), types, meta, warps, stages)
     seconds = time.time() - start
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as fh:
-            fh.write(compiled.asm["ptx"])
-        out = subprocess.run(
-            [ptxas, "-v", "-arch=sm_90a", path, "-o", path + ".cubin"], capture_output=True, text=True
-        )
-    info = [
-        line.split("info    :")[-1].strip()
-        for line in out.stderr.splitlines()
-        if "spill" in line or "registers" in line
-    ]
-    mma = (
-        "wgmma" if "wgmma" in compiled.asm["ptx"] else ("mma" if "mma.sync" in compiled.asm["ptx"] else "fma")
-    )
-    digest = opcode_digest(compiled.asm["ptx"])
-    return f"{mma}; " + "; ".join(info) + f"; opcodes {digest}", seconds, (bq, bk, warps, stages)
+    ptx = compiled.asm["ptx"]
+    return f"{dot_lowering(ptx)}; {info}; opcodes {opcode_digest(ptx)}", seconds, (bq, bk, warps, stages)
 
 
 def main(argv=None):

@@ -8,55 +8,28 @@ became wgmma: a first look at register pressure before GPU time.
 
 The launches are those of a bf16 forward+backward of the named workloads at the default BlockSizes
 (`_forward_pass`, `_g_walk`, `_bwd_parallel`): the forward walk with and without chunk states, the G walk
-and the chunk-parallel backward kernel. Each line ends with the PTX's opcode digest (ptx_digest.py): equal
+and the chunk-parallel backward kernel. Each line ends with the PTX's opcode digest (hopper_ptx.py): equal
 digests on two checkouts mean a source change moved no instructions. Do not run with TRITON_INTERPRET=1 /
 SHARDATTN_TRITON_INTERPRET=1.
 """
 
 import argparse
 import dataclasses
-import importlib.util
 import os
-import subprocess
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from ptx_digest import opcode_digest  # noqa: E402
+from hopper_ptx import compile_sm90a, dot_lowering, opcode_digest  # noqa: E402
+from lightning_variants import load_variant  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
-def _load(name, path):
-    spec = importlib.util.spec_from_file_location(f"shardattn.kernels.lightning._ptxas_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def compile_launch(kernel, types, meta, warps, stages):
-    """(dot lowering, ptxas -v summary, shared memory bytes) of one kernel specialisation for sm_90a."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
-    args = kernel.arg_names[: len(types)]
-    signature = dict(zip(args, types, strict=True)) | {k: "constexpr" for k in meta}
-    aligned = {(i,): [["tt.divisibility", 16]] for i in range(len(args))}  # as jax-triton specialises
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=meta, attrs=aligned)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=warps, num_stages=stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.ptx")
-        with open(path, "w") as fh:
-            fh.write(compiled.asm["ptx"])
-        out = subprocess.run([ptxas, "-v", "-arch=sm_90a", path, "-o", path + ".cubin"],
-                             capture_output=True, text=True)
-    info = [line.split("info    :")[-1].strip() for line in out.stderr.splitlines()
-            if "spill" in line or "registers" in line]
+    """(dot lowering, ptxas -v summary with the opcode digest, shared memory bytes) for sm_90a."""
+    compiled, info = compile_sm90a(kernel, types, meta, warps, stages)
     ptx = compiled.asm["ptx"]
-    mma = "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")
-    return mma, "; ".join(info) + f"; opcodes {opcode_digest(ptx)}", compiled.metadata.shared
+    return dot_lowering(ptx), f"{info}; opcodes {opcode_digest(ptx)}", compiled.metadata.shared
 
 
 def launches(tri, w, change):
@@ -112,7 +85,7 @@ def main(argv=None):
     variants = {"current": current}
     for item in args.variant:
         name, path = item.split("=", 1)
-        variants[name] = _load(name, path)
+        variants[name] = load_variant(name, path)
     print("sm_90a (Hopper), bf16; ptxas -v per launch; smem = Triton's shared-memory allocation")
     for wname in [n for n in args.workloads.split(",") if n]:
         for vname, module in variants.items():

@@ -21,7 +21,8 @@ from timing import add_run_arguments  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
-def _load(name, path):
+def load_variant(name, path):
+    """A copy of triton.py, loaded as its own module (own kernels, own globals)."""
     spec = importlib.util.spec_from_file_location(f"shardattn.kernels.lightning._variant_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -68,7 +69,7 @@ def main(argv=None):
     variants = {"current": current}
     for item in args.variant:
         name, path = item.split("=", 1)
-        variants[name] = _load(name, path)
+        variants[name] = load_variant(name, path)
     bw = copy_bandwidth_gbs()
     print(f"device: {jax.devices()[0].device_kind}; copy bandwidth {bw:.0f} GB/s", flush=True)
     rows = []
