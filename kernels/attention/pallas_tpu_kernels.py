@@ -206,31 +206,43 @@ def _fwd_kernel(ranges_ref, drop_ref, sinks_ref, *refs, cfg: Static):
         lse_ref[...] = jnp.where(nonempty, m + jnp.log(den), -jnp.inf)
 
 
-def forward_call(cfg: Static, q, k, v, qpos, kpos, qseg, kseg, bias, sinks, drop, ranges):
-    """q [B, H, Tp, Dk], k/v [B, Hkv, Sp, D] -> o [B, H, Tp, Dv] in q.dtype, lse [B, H, Tp, 128] f32."""
-    B, H, Tp, Dk = q.shape
-    Dv = v.shape[-1]
-    G, bq, bk, nq = cfg.group, cfg.bq, cfg.bk, cfg.nq
+def _query_grid_maps(cfg: Static):
+    """Index maps of a grid (b, h, query block i, key step t) with the key-block ranges as the first scalar
+    prefetch (the forward and the dq kernel): step t of query block i visits key block kb(b, i, t).
+    Returns maps for q-like blocks, k/v blocks, query rows, key rows, the bias and a [bq, bk] pair block."""
+    G, nq = cfg.group, cfg.nq
 
-    def kv_block(b, i, t, ranges):
+    def kb(b, i, t, ranges):
         return _range(ranges, b * nq + i, t)[4]
 
     def q_map(b, h, i, t, *_):
         return b, h, i, 0
 
     def kv_map(b, h, i, t, ranges, *_):
-        return b, jax.lax.div(h, G), kv_block(b, i, t, ranges), 0
+        return b, jax.lax.div(h, G), kb(b, i, t, ranges), 0
 
     def qrow_map(b, h, i, t, *_):
         return b, 0, i
 
     def krow_map(b, h, i, t, ranges, *_):
-        return b, 0, kv_block(b, i, t, ranges)
+        return b, 0, kb(b, i, t, ranges)
 
     def bias_map(b, h, i, t, ranges, *_):
-        bb = b if cfg.bias_b > 1 else 0
-        hb = h if cfg.bias_h > 1 else 0
-        return bb, hb, i, kv_block(b, i, t, ranges)
+        return (b if cfg.bias_b > 1 else 0), (h if cfg.bias_h > 1 else 0), i, kb(b, i, t, ranges)
+
+    def pair_map(b, h, i, t, ranges, *_):
+        return b, h, i, kb(b, i, t, ranges)
+
+    return q_map, kv_map, qrow_map, krow_map, bias_map, pair_map
+
+
+def forward_call(cfg: Static, q, k, v, qpos, kpos, qseg, kseg, bias, sinks, drop, ranges):
+    """q [B, H, Tp, Dk], k/v [B, Hkv, Sp, D] -> o [B, H, Tp, Dv] in q.dtype, lse [B, H, Tp, 128] f32."""
+    B, H, Tp, Dk = q.shape
+    Dv = v.shape[-1]
+    bq, bk, nq = cfg.bq, cfg.bk, cfg.nq
+
+    q_map, kv_map, qrow_map, krow_map, bias_map, _ = _query_grid_maps(cfg)
 
     in_specs = [
         pl.BlockSpec((None, None, bq, Dk), q_map),
@@ -380,27 +392,8 @@ def backward_call(cfg: Static, q, k, v, do, lse, row, qpos, kpos, qseg, kseg, bi
     mat = jax.typeof(q).mat
     q_ranges, k_ranges = ranges
 
-    # dq kernel: grid (b, h, query block i, key step t) -> key block kb(b, i, t)
-    def kb(b, i, t, r):
-        return _range(r, b * nq + i, t)[4]
-
-    def own_q(b, h, i, t, *_):
-        return b, h, i, 0
-
-    def walk_kv(b, h, i, t, r, *_):
-        return b, jax.lax.div(h, G), kb(b, i, t, r), 0
-
-    def own_qrow(b, h, i, t, *_):
-        return b, 0, i
-
-    def walk_krow(b, h, i, t, r, *_):
-        return b, 0, kb(b, i, t, r)
-
-    def dq_bias(b, h, i, t, r, *_):
-        return (b if cfg.bias_b > 1 else 0), (h if cfg.bias_h > 1 else 0), i, kb(b, i, t, r)
-
-    def dq_ds(b, h, i, t, r, *_):
-        return b, h, i, kb(b, i, t, r)
+    # dq kernel: the forward's grid (b, h, query block i, key step t) and index maps
+    own_q, walk_kv, own_qrow, walk_krow, dq_bias, dq_ds = _query_grid_maps(cfg)
 
     specs, args = _bwd_inputs(cfg, (q, k, v, do, lse, row, qpos, kpos, qseg, kseg, bias),
                               own_q, walk_kv, own_qrow, walk_krow, dq_bias)  # fmt: skip
