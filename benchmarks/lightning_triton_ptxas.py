@@ -49,8 +49,11 @@ def launches(tri, w, change):
                 REVERSE=False, VARLEN=False, HAS_S0=P > 1, IEEE=False, P=P, TSEG=TSEG, STATES_ONLY=False)
     types = ["*bf16"] * 3 + ["*fp32", "*fp32", "*i32", "*i32", "*bf16", "*fp32", "*bf16"]
     for store in (False, True):
-        label = f"fwd walk{' + S_in' if store else ''} (P={P}, BV={BV})"
-        out.append((label, fwd, types, dict(base, STORE_STATES=store), warps, blocks.num_stages))
+        bv, w_ = BV, warps
+        if store and getattr(blocks, "store_bv", 0):  # the walk that stores S_in has its own blocks
+            bv, w_ = min(blocks.store_bv, tri._pow2(D)), blocks.store_warps or warps
+        label = f"fwd walk{' + S_in' if store else ''} (P={P}, BV={bv})"
+        out.append((label, fwd, types, dict(base, BV=bv, STORE_STATES=store), w_, blocks.num_stages))
     # G walk
     BKw, NK, BVw, NVw, Pw, TSEGw = tri._g_walk_blocks(N, H, T, D, D, blocks, split=True)
     warps = blocks.seg_warps if Pw > 1 and blocks.seg_warps else blocks.fwd_warps

@@ -41,9 +41,10 @@ def _same_launch(a, b, shared):
             assert (x.shape, x.dtype) == (y.shape, y.dtype), f"operand {i} differs"
 
 
+@pytest.mark.parametrize("D", [64, 128])  # at 128 the walk that stores S_in has its own Dv block and warps
 @pytest.mark.parametrize("reverse", [False, True])
-def test_local_state_is_the_forward_segment_pass(launches, reverse):
-    B, T, H, D = 1, 1100, 2, 64
+def test_local_state_is_the_forward_segment_pass(launches, reverse, D):
+    B, T, H = 1, 1100, 2
     blocks = tr.BlockSizes.get_default(D, D, jnp.bfloat16)
     P, _ = tr._segments(B * H, T, blocks)
     assert P > 1  # the case where the kernel has a segment pass
@@ -62,9 +63,10 @@ def test_local_state_is_the_forward_segment_pass(launches, reverse):
     assert len(launches) == 3
 
 
+@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_state_gradient_is_the_g_walk_first_pass(launches, reverse):
-    B, T, H, D = 1, 1100, 2, 64
+def test_state_gradient_is_the_g_walk_first_pass(launches, reverse, D):
+    B, T, H = 1, 1100, 2
     blocks = tr.BlockSizes.get_default(D, D, jnp.bfloat16)
     opts = tr.Options(scale=0.125, reverse=reverse)
 

@@ -76,13 +76,17 @@ class BlockSizes:
     par_warps: int = 8
     seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
     walk_bk: int = 64  # Dk block of the backward's G walk when it has few items (see _g_walk)
+    walk_bv: int = 0  # Dv block of the G walk (0: fwd_bv)
+    store_bv: int = 0  # Dv block of the differentiated forward's walk, which also stores S_in (0: fwd_bv)
+    store_warps: int = 0  # its warps (0: as the plain walk)
     state_programs: int = 256  # programs local_state / state_gradient cut segments for, at most (H100 sweep)
     state_bk: int = 0  # Dk block of state_gradient's walk (0: all of Dk; a split did not pay on the H100)
 
     def __post_init__(self):
-        for name in ("fwd_bv", "bwd_bv", "par_bv", "walk_bk", "state_bk"):
+        for name in ("fwd_bv", "bwd_bv", "par_bv", "walk_bk", "walk_bv", "store_bv", "state_bk"):
             value = getattr(self, name)
-            if (value < 16 or value & (value - 1)) and not (name == "state_bk" and value == 0):
+            if (value < 16 or value & (value - 1)) and not (name in ("walk_bv", "store_bv", "state_bk")
+                                                             and value == 0):
                 raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
 
     @staticmethod
@@ -93,14 +97,21 @@ class BlockSizes:
             # The chunk-parallel backward's float32 tiles spill (seen on an H100 as launch failures
             # for want of local memory): float32 keeps the sequential backward.
             return BlockSizes(min(bv, 32), 4, min(bv, 32), 4, 1, bwd_parallel=False)
-        # H100 sweep (benchmarks/RESULTS_triton.md): 3 stages beat 2; 8 warps for an unsplit forward walk at
-        # Dk = 128, 4 once sequences are cut into segments; the parallel backward best with all of Dv <= 128
-        # in one program (no partial sums for dq, dk).
-        fwd_bv = min(bv, 64 if bk <= 128 else 32)
+        # H100 sweep (benchmarks/RESULTS_triton.md): 3 stages beat 2; the parallel backward best with all of
+        # Dv <= 128 in one program (no partial sums for dq, dk).
         bwd_bv = min(bv, 64 if bk <= 64 else 32)
-        return BlockSizes(fwd_bv, 4 if bk <= 64 else 8, bwd_bv, 4 if bk <= 64 else 8, 3,
-                          seg_warps=4, par_bv=min(bv, 128) if bk <= 128 else 32,
-                          par_warps=4 if bk <= 64 else 8)
+        common = dict(par_bv=min(bv, 128) if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
+        if 64 < bk <= 128:
+            # H200 sweep (2026-12-01): the plain forward walk in Dv blocks of 32 at 4 warps (236 registers,
+            # 112 KiB shared memory: two programs per SM) with programs for two per SM of 132 SMs; the walk
+            # that also stores S_in needs more shared memory (one program per SM) and runs Dv blocks of 64
+            # at 8 warps, as does the G walk.
+            return BlockSizes(min(bv, 32), 4, bwd_bv, 8, 3, seg_warps=4, min_programs=264,
+                              store_bv=min(bv, 64), store_warps=8, walk_bv=min(bv, 64), **common)
+        # Dk <= 64 or > 128 (H100): 4 warps at Dk <= 64; 8 for an unsplit walk at Dk > 128, 4 once sequences
+        # are cut into segments.
+        warps = 4 if bk <= 64 else 8
+        return BlockSizes(min(bv, 64 if bk <= 64 else 32), warps, bwd_bv, warps, 3, seg_warps=4, **common)
 
 
 def _pow2(d: int) -> int:
@@ -118,7 +129,7 @@ def _kernels():
     import triton.language as tl
 
     # Triton resolves the helpers a kernel calls in the module's globals, not in this closure.
-    global _dot, _finite, _seq_bounds
+    global _dot, _dot_acc, _finite, _seq_bounds
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -127,6 +138,14 @@ def _kernels():
             return tl.dot(a, b, input_precision="ieee")
         else:
             return tl.dot(a, b)
+
+    @triton.jit
+    def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+        # acc + a @ b, accumulated by the dot itself (wgmma's accumulator: no separate add pass)
+        if IEEE:
+            return tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc)
 
     @triton.jit
     def _finite(x):
@@ -183,8 +202,10 @@ def _kernels():
         mk = rk < DK
         mv = rv < DV
         # lam^(i-j) for j <= i; the exponent is masked before exp2, so nothing overflows (no inf * 0).
-        diff = (ii[:, None] - ii[None, :]).to(tl.float32)
-        intra = tl.exp2(tl.where(diff >= 0, diff * neg, float("-inf")))
+        # The causal select below compares integer positions: keeping a float [C, C] lag tile alive across
+        # the loop for it cost registers (ptxas: 292 -> 0 bytes of spills at Dk 128, Dv block 32, 4 warps).
+        lag0 = ii[:, None] - ii[None, :]
+        intra = tl.exp2(tl.where(lag0 >= 0, lag0.to(tl.float32) * neg, float("-inf")))
         q_decay = tl.exp2((ii + 1).to(tl.float32) * neg)  # lam^(i+1)
 
         state_off = pid.to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
@@ -219,7 +240,7 @@ def _kernels():
                 # re-enters every output from j on: bad_j = sum(0 * v_j) is 0, or NaN exactly when v_j
                 # is not finite, and its prefix sum is NaN from j on. (Two row reductions and one scan
                 # of C values per chunk; the chunk state below uses the raw k, v and carries the NaN.)
-                scores = tl.where(diff >= 0, _dot(q, tl.trans(k), IEEE) * intra, 0.0)
+                scores = tl.where(ii[:, None] >= ii[None, :], _dot(q, tl.trans(k), IEEE) * intra, 0.0)
                 bad = tl.sum(v.to(tl.float32) * 0.0, axis=1)  # [C]: 0 or NaN
                 o = _dot(scores.to(v.dtype), tl.where(bad[:, None] == 0.0, v, tl.zeros_like(v)), IEEE)
                 o += tl.cumsum(bad, axis=0)[:, None]
@@ -230,8 +251,10 @@ def _kernels():
             length = tl.minimum(seg_len - c * C, C)
             key_exp = (length - 1 - ii).to(tl.float32)
             key_decay = tl.exp2(tl.where(key_exp >= 0, key_exp * neg, float("-inf")))  # lam^(l-1-j)
-            kd = (k * key_decay[:, None]).to(k.dtype)
-            S = tl.exp2(length.to(tl.float32) * neg) * S + _dot(tl.trans(kd), v, IEEE)
+            # k^T diag(lam^(l-1-j)) v with the decay on the rows of v: k^T is then read from shared memory
+            # as it is (no register copy of k, its transpose and its re-staging for the dot).
+            vd = (v * key_decay[:, None]).to(v.dtype)
+            S = _dot_acc(tl.trans(k), vd, tl.exp2(length.to(tl.float32) * neg) * S, IEEE)
 
         tl.store(sf_ptr + state_off, S, mask=mk[:, None] & mv[None, :])
 
@@ -577,14 +600,20 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     BK = _pow2(DK)
     BV = min(bv or blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
+    # The segments (and their first pass, which local_state shares) follow the plain walk's Dv block even
+    # where the walk that also writes o and stores S_in takes other blocks and warps (store_bv/_warps).
     P, TSEG = _segments(N * H * NV, T, blocks, split=cu_seqlens is None and not states_only)
+    warps = blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps
+    walk_bv = BV
+    if store_states and not states_only and bv is None and blocks.store_bv:
+        walk_bv, warps = min(blocks.store_bv, _pow2(DV)), blocks.store_warps or warps
     dummy = jnp.zeros((1,), jnp.float32)
     st_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV) if store_states else (1,), state_dtype)
     meta = dict(
-        name="lightning_fwd", num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
-        num_stages=blocks.num_stages,
-        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(scale), NC_TOTAL=nc_total,
-        REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P, TSEG=TSEG,
+        name="lightning_fwd", num_warps=warps, num_stages=blocks.num_stages,
+        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=walk_bv, C=CHUNK, SCALE=float(scale),
+        NC_TOTAL=nc_total, REVERSE=bool(reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32,
+        P=P, TSEG=TSEG,
     )
     state_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
     if P > 1:
@@ -600,7 +629,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
         has_s0 = s0 is not None
         s0_arg = s0[:, :, None] if has_s0 else dummy
     o, sf, st = _launch(
-        _kernels()[0], (NV, N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
+        _kernels()[0], (-(-DV // walk_bv), N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
         (jax.ShapeDtypeStruct(q.shape[:3] + (DV,) if not states_only else (1,), out_dtype), state_shape,
          st_shape),
         HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=bool(states_only), **meta,
@@ -768,7 +797,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
 
 def _g_walk_blocks(N, H, T, DK, DV, blocks, split):
     """(BK, NK, BV, NV, P, TSEG) of the G walk over N sequences of T tokens and H heads."""
-    BV = min(blocks.fwd_bv, _pow2(DV))
+    BV = min(blocks.walk_bv or blocks.fwd_bv, _pow2(DV))
     NV = -(-DV // BV)
     # Few (sequence, head, Dv block) items: Dk is cut into blocks too (a block of G needs only its own
     # columns of q), which shortens each step and multiplies the programs before segments do.
