@@ -6,11 +6,14 @@ Chunked form (docs/design.md), chunk of C tokens, position i inside the chunk, l
     S_out = lam^l S_in + sum_{j<l} lam^(l-1-j) k_j^T v_j                    (l = valid tokens)
 
 One program owns one (sequence, query head, block of Dv columns) and walks its chunks in order with
-the float32 state block S [Dk, BV] in registers, so the state never goes to memory; the intra-chunk
-work is three tl.dot's per chunk. Positions are "processing positions": token bos + p forward,
-bos + L - 1 - p with reverse=True, so reverse costs nothing but the index map. GQA reads the kv head
-h // (H // Hkv) in-kernel; k and v are never repeated. cu_seqlens gives each program its own
-sequence bounds, so packed sequences need no re-layout.
+the float32 state block S [Dk, BV] in registers, so the state never goes to memory; four tl.dot's per
+chunk (q k^T, its product with v, q S_in, and the update k^T (lam^(l-1-j) v_j)). The walk is latency-bound,
+so the blocks are chosen for programs per SM: at Dk = 128 (bf16/fp16) Dv blocks of 32 at 4 warps fit two
+per SM, while the differentiated forward, which also stores S_in, runs Dv 64 at 8 warps.
+Positions are "processing positions": token bos + p forward, bos + L - 1 - p with reverse=True, so
+reverse costs nothing but the index map. GQA reads the kv head h // (H // Hkv) in-kernel; k and v are
+never repeated. cu_seqlens gives each program its own sequence bounds, so packed sequences need no
+re-layout.
 
 Backward (no per-token state kept; residuals are q, k, v and, for bf16/fp16, S_in of every chunk):
   * chunk-parallel (bf16/fp16, the default): the differentiated forward also stores S_in of every
@@ -68,7 +71,7 @@ class BlockSizes:
     bwd_bv: int
     bwd_warps: int
     num_stages: int = 2
-    min_programs: int = 224  # programs a segment split may reach, at most (H100 sweep; see _num_segments)
+    min_programs: int = 224  # programs a segment split may reach, at most (see _num_segments)
     min_seg_chunks: int = 8  # shortest segment worth a program, in chunks
     seg_below: int = 128  # cut sequences into segments only below this many (seq, head, Dv block) items
     bwd_parallel: bool = True  # chunk-parallel backward (else one sequential dkdv kernel)
@@ -564,7 +567,9 @@ def _num_segments(num_items, num_chunks, blocks, programs=None):
     cutting sequences into segments costs one extra read of the walk's inputs (the first pass). The
     forward's time is not monotonic in the count (H100, b1-t32k, 32 items of 512 chunks: 5 segments
     0.49 ms, 7: 0.38-0.39, 8: 0.49-0.52, 9: 0.44-0.45, 10: 0.44, 11: 0.41, 13: 0.47, 17: 0.46), so the
-    count is capped (rounded down) at the best measured: 224 programs, 7 segments of 32 items.
+    count is capped (rounded down) at the best measured: 224 programs, 7 segments of 32 items. At Dk = 128
+    in bf16/fp16 the cap is 264, two programs per SM on 132 SMs (H200 / H100 SXM), since two of those
+    programs fit on an SM (BlockSizes.get_default; H200, 2026-12-01).
     `programs` given (local_state, state_gradient: segments are independent there, no scan over them
     in a kernel) replaces both min_programs and seg_below.
     """
