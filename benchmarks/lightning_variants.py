@@ -7,9 +7,9 @@ Each `--variant NAME=FILE` is a copy of kernels/lightning/triton.py (e.g. `git s
 triton.py > old.py`), loaded as its own module; `current` is always the installed backend. Each
 `--blocks NAME=FIELD=VALUE,...` is a fresh copy of the installed backend (`--blocks NAME:OTHER=...`: of
 the file of the variant OTHER) whose default BlockSizes have those fields replaced, for every head dim
-and dtype. Every variant
-is timed on the same inputs (forward, forward+backward, wall time of back-to-back jitted calls), with the
-copy bandwidth of the run and each variant's ratio to `current`. The variants of a workload are timed
+and dtype. Every variant is timed on the same inputs (forward, forward+backward, wall time of
+back-to-back jitted calls), with the copy bandwidth of the run and each variant's ratio to `current`,
+and its outputs are compared with `current`'s (relative RMS). The variants of a workload are timed
 in interleaved rounds (round r times every variant once, in turn), so that drift of the clocks or of the
 machine over the run falls on all of them alike; each figure is the median over its rounds.
 """
