@@ -63,6 +63,16 @@ def compile_sm90a(kernel, types, constexprs, num_warps, num_stages):
     return compiled, "; ".join(info)
 
 
+def programs_per_sm(info: str, smem: int, warps: int) -> int:
+    """Programs (CTAs) of one kernel an H100 / H200 SM holds at once, from ptxas's register count (in
+    `info`, as compile_sm90a returns it), Triton's shared memory and the warps: 64K registers allocated
+    per warp in units of 256, 228 KiB of shared memory with 1 KiB reserved per program, 64 warps. (These
+    limits gave Nsight Compute's "Block Limit" figures for every lightning kernel on an H200.)"""
+    regs = int(re.search(r"Used (\d+) registers", info).group(1))
+    per_warp = -(-regs * 32 // 256) * 256
+    return min(65536 // (per_warp * warps), 233472 // (smem + 1024), 64 // warps)
+
+
 def dot_lowering(ptx: str) -> str:
     """"wgmma", "mma" (mma.sync) or "fma": what the kernel's dots became."""
     return "wgmma" if "wgmma" in ptx else ("mma" if "mma.sync" in ptx else "fma")

@@ -1,6 +1,7 @@
 """Compiles the lightning Triton kernels for Hopper (sm_90a) on any machine with triton, no GPU needed, and
-prints per launch ptxas's registers and spills, the shared memory Triton allocates, and whether the dots
-became wgmma: a first look at register pressure before GPU time.
+prints per launch ptxas's registers and spills, the shared memory Triton allocates, whether the dots
+became wgmma, and how many programs of it an SM holds: a first look at register pressure and occupancy
+before GPU time (the walks are latency-bound: programs per SM decided the 2026-12-01 forward blocks).
 
     python benchmarks/lightning_triton_ptxas.py
     python benchmarks/lightning_triton_ptxas.py --variant prev=/tmp/old_triton.py     # a copy of triton.py
@@ -20,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from hopper_ptx import compile_sm90a, dot_lowering, opcode_digest  # noqa: E402
+from hopper_ptx import compile_sm90a, dot_lowering, opcode_digest, programs_per_sm  # noqa: E402
 from lightning_variants import load_variant  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
@@ -89,13 +90,15 @@ def main(argv=None):
     for item in args.variant:
         name, path = item.split("=", 1)
         variants[name] = load_variant(name, path)
-    print("sm_90a (Hopper), bf16; ptxas -v per launch; smem = Triton's shared-memory allocation")
+    print("sm_90a (Hopper), bf16; ptxas -v per launch; smem = Triton's shared-memory allocation; "
+          "programs per SM from registers, smem and warps (hopper_ptx.programs_per_sm)")
     for wname in [n for n in args.workloads.split(",") if n]:
         for vname, module in variants.items():
             for label, kernel, types, meta, warps, stages in launches(module, WORKLOADS[wname], change):
                 mma, info, smem = compile_launch(kernel, types, meta, warps, stages)
+                per_sm = programs_per_sm(info, smem, warps)
                 print(f"{wname:18s} {vname:10s} {label:28s} w{warps} s{stages}: {mma}; {info}; "
-                      f"smem {smem} B", flush=True)
+                      f"smem {smem} B; {per_sm} per SM", flush=True)
 
 
 if __name__ == "__main__":
