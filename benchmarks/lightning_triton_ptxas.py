@@ -10,7 +10,9 @@ before GPU time (the walks are latency-bound: programs per SM decided the 2026-1
 The launches are those of a bf16 forward+backward of the named workloads at the default BlockSizes
 (`_forward_pass`, `_g_walk`, `_bwd_parallel`): the forward walk with and without chunk states, the G walk
 and the chunk-parallel backward kernel. Each line ends with the PTX's opcode digest (hopper_ptx.py): equal
-digests on two checkouts mean a source change moved no instructions. Do not run with TRITON_INTERPRET=1 /
+digests on two checkouts mean a source change moved no instructions. The launch parameters come from
+the backend's own rules (`_segments`, `_walk_blocks`, `_g_walk_blocks`, `BlockSizes.walk_warps`), so a
+`--variant` must be a copy of triton.py that has them. Do not run with TRITON_INTERPRET=1 /
 SHARDATTN_TRITON_INTERPRET=1.
 """
 
@@ -45,19 +47,16 @@ def launches(tri, w, change):
     BV = min(blocks.fwd_bv, tri._pow2(D))
     NV = -(-D // BV)
     P, TSEG = tri._segments(N * H * NV, T, blocks)
-    warps = blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps
     base = dict(T=T, H=H, HKV=HKV, DK=D, DV=D, BK=BK, BV=BV, C=tri.CHUNK, SCALE=D**-0.5, NC_TOTAL=nc_total,
                 REVERSE=False, VARLEN=False, HAS_S0=P > 1, IEEE=False, P=P, TSEG=TSEG, STATES_ONLY=False)
     types = ["*bf16"] * 3 + ["*fp32", "*fp32", "*i32", "*i32", "*bf16", "*fp32", "*bf16"]
     for store in (False, True):
-        bv, w_ = BV, warps
-        if store and getattr(blocks, "store_bv", 0):  # the walk that stores S_in has its own blocks
-            bv, w_ = min(blocks.store_bv, tri._pow2(D)), blocks.store_warps or warps
+        bv, w_ = tri._walk_blocks(blocks, BV, D, P, stores=store)
         label = f"fwd walk{' + S_in' if store else ''} (P={P}, BV={bv})"
         out.append((label, fwd, types, dict(base, BV=bv, STORE_STATES=store), w_, blocks.num_stages))
     # G walk
     BKw, NK, BVw, NVw, Pw, TSEGw = tri._g_walk_blocks(N, H, T, D, D, blocks, split=True)
-    warps = blocks.seg_warps if Pw > 1 and blocks.seg_warps else blocks.fwd_warps
+    warps = blocks.walk_warps(Pw)
     meta = dict(T=T, H=H, DK=D, DV=D, BK=BKw, BV=BVw, C=tri.CHUNK, SCALE=D**-0.5, NC_TOTAL=nc_total,
                 REVERSE=False, VARLEN=False, IEEE=False, P=Pw, TSEG=TSEGw, SEG_G0=Pw > 1, HAS_G0=True,
                 STORE_STATES=True)

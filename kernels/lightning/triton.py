@@ -92,6 +92,10 @@ class BlockSizes:
                                                              and value == 0):
                 raise ValueError(f"{name}={value} must be a power of two >= 16 (tl.dot tiles)")
 
+    def walk_warps(self, P: int) -> int:
+        """Warps of a walk whose sequences are cut into P segments (P == 1: not cut)."""
+        return self.seg_warps if P > 1 and self.seg_warps else self.fwd_warps
+
     @staticmethod
     def get_default(dk: int, dv: int, dtype) -> "BlockSizes":
         bk, bv = _pow2(dk), _pow2(dv)
@@ -595,6 +599,14 @@ def _segments(num_items, T, blocks, split=True, programs=None):
     return P, (seg_chunks * CHUNK if P > 1 else T)
 
 
+def _walk_blocks(blocks, BV, DV, P, stores):
+    """(Dv block, warps) of the forward walk over P segments of plain-walk Dv blocks BV; `stores`: the
+    walk that writes o and also stores S_in of every chunk, which may take its own (store_bv/_warps)."""
+    if stores and blocks.store_bv:
+        return min(blocks.store_bv, _pow2(DV)), blocks.store_warps or blocks.walk_warps(P)
+    return BV, blocks.walk_warps(P)
+
+
 def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_states, out_dtype, blocks,
                   bv=None, states_only=False, state_dtype=jnp.float32):
     """The forward kernel: o [B, T, H, DV], final state [N, H, DK, DV], optional per-chunk S_in.
@@ -610,10 +622,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     # The segments (and their first pass, which local_state shares) follow the plain walk's Dv block even
     # where the walk that also writes o and stores S_in takes other blocks and warps (store_bv/_warps).
     P, TSEG = _segments(N * H * NV, T, blocks, split=cu_seqlens is None and not states_only)
-    warps = blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps
-    walk_bv = BV
-    if store_states and not states_only and bv is None and blocks.store_bv:
-        walk_bv, warps = min(blocks.store_bv, _pow2(DV)), blocks.store_warps or warps
+    walk_bv, warps = _walk_blocks(blocks, BV, DV, P, stores=store_states and not states_only and bv is None)
     dummy = jnp.zeros((1,), jnp.float32)
     st_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV) if store_states else (1,), state_dtype)
     meta = dict(
@@ -777,7 +786,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     BK, NK, BV, NV, P, TSEG = _g_walk_blocks(N, H, T, DK, DV, blocks, split=cu_seqlens is None)
     walk = functools.partial(
         _launch, _kernels()[2], (NV, NK, N * H * P), name="lightning_dstate", num_stages=blocks.num_stages,
-        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_warps=blocks.walk_warps(P),
         T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
         REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P,
         TSEG=TSEG, HAS_G0=True,
@@ -827,7 +836,7 @@ def _segment_gradients(q, do, slopes, scale, reverse, blocks, BK, BV, P, TSEG):
         _kernels()[2], (NV, NK, N * H * P), (q, do, slopes, dummy, cu, coff),
         (jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)),
         name="lightning_segment_gradients",
-        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_warps=blocks.walk_warps(P),
         num_stages=blocks.num_stages,
         T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=scale, NC_TOTAL=nc_total, REVERSE=reverse,
         VARLEN=False, IEEE=q.dtype == jnp.float32, P=P, TSEG=TSEG, SEG_G0=False, HAS_G0=False,
@@ -956,7 +965,7 @@ def _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV):
         (jax.ShapeDtypeStruct((1,), k.dtype), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
          jax.ShapeDtypeStruct((1,), jnp.float32)),
         name="lightning_segment_states",
-        num_warps=blocks.seg_warps if P > 1 and blocks.seg_warps else blocks.fwd_warps,
+        num_warps=blocks.walk_warps(P),
         num_stages=blocks.num_stages,
         T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=BV, C=CHUNK, SCALE=1.0, NC_TOTAL=nc_total,
         REVERSE=bool(reverse), VARLEN=False, IEEE=k.dtype == jnp.float32, P=P, TSEG=TSEG, HAS_S0=False,
