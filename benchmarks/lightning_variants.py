@@ -50,14 +50,14 @@ def blocks_variant(name, change, path):
     return module
 
 
-def build_variant(module, w):
-    """(jitted forward, jitted forward+backward, their arguments) of `module` on w's inputs."""
+def build_variant(module, w, inputs):
+    """(jitted forward, jitted forward+backward, their arguments) of `module` on `inputs` (q, k, v, dO)."""
     import jax.numpy as jnp
     from timing import fwd_and_fwd_bwd
 
     import shardattn
 
-    q, k, v, do = _inputs(w)
+    q, k, v, do = inputs
     slopes = jnp.asarray(shardattn.decay_slopes(w.H, LAYER_IDX, NUM_LAYERS))
     scale = w.D**-0.5
 
@@ -124,10 +124,10 @@ def main(argv=None):
     for wname in [n for n in args.workloads.split(",") if n]:
         w = WORKLOADS[wname]
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
-        built = {}
+        built, inputs = {}, _inputs(w)  # one set of inputs for every variant
         for vname, module in variants.items():
             try:
-                built[vname] = build_variant(module, w)
+                built[vname] = build_variant(module, w, inputs)
                 fwd, fwd_bwd, fargs = built[vname]  # compile now: a failure shows here
                 jax.block_until_ready(fwd(*fargs[:3]) if args.fwd_only else fwd_bwd(*fargs))
             except Exception as err:  # a variant that does not build is reported, not fatal
