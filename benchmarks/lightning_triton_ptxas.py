@@ -66,7 +66,7 @@ def launches(tri, w, change):
     BVp = min(blocks.par_bv, tri._pow2(D))
     NVp = -(-D // BVp)
     meta = dict(T=T, H=H, HKV=HKV, DK=D, DV=D, BK=BK, BV=BVp, C=tri.CHUNK, SCALE=D**-0.5, NC_TOTAL=nc_total,
-                NV=NVp, NTOK=B * T, REVERSE=False, VARLEN=False, IEEE=False)
+                NV=NVp, NTOK=B * T, REVERSE=False, VARLEN=False, IEEE=False, LATE_G=blocks.par_late_g)
     part = "*fp32" if NVp > 1 else "*bf16"
     types = ["*bf16"] * 4 + ["*fp32", "*bf16", "*bf16"] + ["*i32"] * 4 + [part, part, "*bf16", "*fp32"]
     out.append((f"chunk kernel ({BK}x{BVp})", chunk, types, meta, blocks.par_warps, 1))

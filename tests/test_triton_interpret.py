@@ -32,14 +32,16 @@ import shardattn  # noqa: E402
 from shardattn.kernels.lightning import triton as backend  # noqa: E402
 
 
-@pytest.fixture(params=["sequential", "chunk-parallel"])
+@pytest.fixture(params=["sequential", "chunk-parallel", "chunk-parallel-late-g"])
 def backward(request, monkeypatch):
-    """float32 takes the sequential backward by default; the chunk-parallel one (bf16's) is forced here."""
-    if request.param == "chunk-parallel":
+    """float32 takes the sequential backward by default; the chunk-parallel one (bf16's) is forced here,
+    also with the chunk kernel's late read of G (the Dk = 128 default, par_late_g)."""
+    if request.param.startswith("chunk-parallel"):
         default = backend.BlockSizes.get_default
+        late = request.param.endswith("late-g")
 
         def parallel(dk, dv, dtype):
-            return dataclasses.replace(default(dk, dv, dtype), bwd_parallel=True)
+            return dataclasses.replace(default(dk, dv, dtype), bwd_parallel=True, par_late_g=late)
 
         monkeypatch.setattr(backend.BlockSizes, "get_default", staticmethod(parallel))
     return request.param

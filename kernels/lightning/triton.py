@@ -77,6 +77,7 @@ class BlockSizes:
     bwd_parallel: bool = True  # chunk-parallel backward (else one sequential dkdv kernel)
     par_bv: int = 64  # Dv block of the chunk-parallel backward kernel
     par_warps: int = 8
+    par_late_g: bool = False  # chunk-parallel backward: read G after dq is stored, S_in again for <S_in, G>
     seg_warps: int = 0  # warps of the forward walk when sequences are cut into segments (0: fwd_warps)
     walk_bk: int = 64  # Dk block of the backward's G walk when it has few items (see _g_walk)
     walk_bv: int = 0  # Dv block of the G walk (0: fwd_bv)
@@ -109,6 +110,9 @@ class BlockSizes:
         bwd_bv = min(bv, 64 if bk <= 64 else 32)
         common = dict(par_bv=min(bv, 128) if bk <= 128 else 32, par_warps=4 if bk <= 64 else 8)
         if 64 < bk <= 128:
+            # The chunk-parallel backward with G read late: 0.95-0.96x forward+backward on an H200 at
+            # Dk = 128 (2026-12-01, two runs), 1.04-1.05x at Dk = 64, where it stays off.
+            common["par_late_g"] = True
             # H200 sweep (2026-12-01): the plain forward walk in Dv blocks of 32 at 4 warps (236 registers,
             # 112 KiB shared memory: two programs per SM) with programs for two per SM of 132 SMs; the walk
             # that also stores S_in needs more shared memory (one program per SM) and runs Dv blocks of 64
@@ -439,7 +443,7 @@ def _kernels():
         T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
         BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
         NC_TOTAL: tl.constexpr, NV: tl.constexpr, NTOK: tl.constexpr, REVERSE: tl.constexpr,
-        VARLEN: tl.constexpr, IEEE: tl.constexpr,
+        VARLEN: tl.constexpr, IEEE: tl.constexpr, LATE_G: tl.constexpr,
     ):
         # Every chunk at once, given S_in (st) and G = dL/dS_out (gt) of each chunk:
         #   dq_i = scale (sum_{j<=i} lam^(i-j) (dO_i . v_j) k_j + lam^(i+1) dO_i S_in^T)
@@ -447,6 +451,9 @@ def _kernels():
         #   dv_j = scale sum_{i>=j} lam^(i-j) (q_i . k_j) dO_i + lam^(l-1-j) k_j G
         # and this chunk's share of dL/dslope (module docstring). dq, dk: [NV, B*T, H, DK] partial sums
         # over Dv blocks; dv: [B*T, H, DV] per query head; dslope: [NV, NC_TOTAL, H].
+        # LATE_G: G is read only once dq is stored, and S_in read a second time (a cache hit) for the
+        # <S_in, G> term, so that neither [Dk, BV] tile is held across dq's work (at Dk = 128: 84 bytes of
+        # spills per thread instead of 196 and 90112 B of shared memory instead of 114688, ptxas).
         pid_v = tl.program_id(0)
         slot = tl.program_id(1)
         h = tl.program_id(2)
@@ -490,7 +497,8 @@ def _kernels():
         v = tl.load(v_ptr + t[:, None] * (HKV * DV) + hk * DV + rv[None, :], mask=mo, other=0.0)
         do = tl.load(do_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :], mask=mo, other=0.0)
         s_off = (h * NC_TOTAL + coff + c).to(tl.int64) * (DK * DV) + rk[:, None] * DV + rv[None, :]
-        Gc = tl.load(gt_ptr + s_off, mask=mkv, other=0.0)
+        if not LATE_G:
+            Gc = tl.load(gt_ptr + s_off, mask=mkv, other=0.0)
 
         # Zeroed copies of non-finite entries and selected masks in the intra-chunk products (as in the
         # forward): a NaN in q_i then reaches no dk_j, dv_j of a later token j.
@@ -513,9 +521,14 @@ def _kernels():
         #   = scale sum_i (i+1) q_i . [lam^(i+1) dO_i S_in^T], from dq's term above: no [Dk, Dv] dot.
         ds += SCALE * tl.sum(tl.sum(pos1[:, None] * q.to(tl.float32) * dq_inter, axis=1), axis=0)
         chunk_decay = tl.exp2(length.to(tl.float32) * neg)
+        if LATE_G:
+            tl.store(dq_ptr + base + rows, (SCALE * dq).to(dq_ptr.dtype.element_ty), mask=mq)
+            Gc = tl.load(gt_ptr + s_off, mask=mkv, other=0.0)
+            S_in = tl.load(st_ptr + s_off, mask=mkv, other=0.0)
         ds += (length.to(tl.float32) * chunk_decay) * tl.sum(
             tl.sum(S_in.to(tl.float32) * Gc.to(tl.float32), axis=1), axis=0)
-        tl.store(dq_ptr + base + rows, (SCALE * dq).to(dq_ptr.dtype.element_ty), mask=mq)
+        if not LATE_G:
+            tl.store(dq_ptr + base + rows, (SCALE * dq).to(dq_ptr.dtype.element_ty), mask=mq)
         dk_inter = key_decay[:, None] * _dot(v, tl.trans(Gc.to(v.dtype)), IEEE)
         dk = SCALE * _dot(tl.trans(b).to(q.dtype), _finite(q), IEEE) + dk_inter
         dv = SCALE * _dot(tl.trans(a).to(do.dtype), do, IEEE)
@@ -751,7 +764,7 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
         name="lightning_bwd_chunks", num_warps=blocks.par_warps, num_stages=1,
         T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale),
         NC_TOTAL=nc_total, NV=NV, NTOK=B * T, REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None,
-        IEEE=ieee,
+        IEEE=ieee, LATE_G=blocks.par_late_g,
     )
     dq = (dq_part.sum(0) if split else dq_part[0]).reshape(B, T, H, DK).astype(q.dtype)
     dk = (dk_part.sum(0) if split else dk_part[0]).reshape(B, T, HKV, G, DK)
