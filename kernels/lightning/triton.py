@@ -253,10 +253,16 @@ def _kernels():
                 # re-enters every output from j on: bad_j = sum(0 * v_j) is 0, or NaN exactly when v_j
                 # is not finite, and its prefix sum is NaN from j on. (Two row reductions and one scan
                 # of C values per chunk; the chunk state below uses the raw k, v and carries the NaN.)
+                # Only a chunk with a non-finite v takes that path: the plain product is the same
+                # otherwise (H200: forward 0.94-0.99x; the row reduction itself is most of what the
+                # rule costs, ~0.88x without any of it at Dk = 128).
                 scores = tl.where(ii[:, None] >= ii[None, :], _dot(q, tl.trans(k), IEEE) * intra, 0.0)
                 bad = tl.sum(v.to(tl.float32) * 0.0, axis=1)  # [C]: 0 or NaN
-                o = _dot(scores.to(v.dtype), tl.where(bad[:, None] == 0.0, v, tl.zeros_like(v)), IEEE)
-                o += tl.cumsum(bad, axis=0)[:, None]
+                if tl.sum(bad, axis=0) == 0.0:
+                    o = _dot(scores.to(v.dtype), v, IEEE)
+                else:
+                    o = _dot(scores.to(v.dtype), tl.where(bad[:, None] == 0.0, v, tl.zeros_like(v)), IEEE)
+                    o += tl.cumsum(bad, axis=0)[:, None]
                 o += q_decay[:, None] * _dot(q, S.to(q.dtype), IEEE)
                 tl.store(o_ptr + t[:, None] * (H * DV) + h * DV + rv[None, :],
                          (SCALE * o).to(o_ptr.dtype.element_ty), mask=valid[:, None] & mv[None, :])
