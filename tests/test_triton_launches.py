@@ -81,3 +81,35 @@ def test_state_gradient_is_the_g_walk_first_pass(launches, reverse, D):
     x = jnp.zeros((B, T, H, D), jnp.bfloat16)
     jax.make_jaxpr(traced)(x, x, jnp.ones((H,), jnp.float32), jnp.zeros((B, H, D, D), jnp.float32))
     assert len(launches) == 3
+
+
+def test_grids_are_one_axis_past_cudas_65535(launches):
+    """Every launch of a forward+backward puts all its programs on the grid's first axis (the others hold
+    at most 65535): here 70000 chunk slots of one head, which a (Dv block, slot, head) grid could not
+    launch. Traced only (make_jaxpr): nothing of this size is allocated."""
+    B, T, H, D = 1, 64 * 70000, 1, 16
+    blocks = tr.BlockSizes.get_default(D, D, jnp.bfloat16)
+    opts = tr.Options(scale=0.25, reverse=False)
+
+    def traced(q, k, v, slopes, do, dfinal):
+        _, _, states = tr._forward_pass(q, k, v, slopes, None, None, scale=0.25, reverse=False,
+                                        store_states=True, out_dtype=q.dtype, blocks=blocks,
+                                        state_dtype=jnp.bfloat16)  # fmt: skip
+        tr._bwd_parallel(opts, blocks, q, k, v, slopes, None, None, do, dfinal, states)
+        return 0
+
+    x = jax.ShapeDtypeStruct((B, T, H, D), jnp.bfloat16)
+    jax.make_jaxpr(traced)(x, x, x, jax.ShapeDtypeStruct((H,), jnp.float32), x,
+                           jax.ShapeDtypeStruct((B, H, D, D), jnp.float32))  # fmt: skip
+    kinds = [c["kernel"] for c in launches]
+    assert "chunk_kernel" in kinds and "dstate_kernel" in kinds and "fwd_kernel" in kinds
+    for call in launches:
+        assert len(call["grid"]) == 1, (call["kernel"], call["grid"])
+    chunk = launches[kinds.index("chunk_kernel")]
+    assert chunk["grid"][0] == chunk["params"]["NV"] * 70000 * H > 65535
+
+
+def test_flat_grid_refuses_more_programs_than_cuda_launches():
+    assert tr._flat_grid(3, 5, 7) == (105,)
+    with pytest.raises(ValueError, match="2\\*\\*31 - 1 programs"):
+        tr._flat_grid(2**16, 2**15)
