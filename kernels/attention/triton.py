@@ -3,16 +3,17 @@
 The kernel bodies are in triton_kernels.py (FlashAttention-2 structure, base-2 online softmax); this
 module checks what it can serve, computes the block ranges, launches, and builds the custom_vjp.
 
-Forward: grid (query blocks, B * H); each program walks the key blocks its queries can reach, keeping
-the running max, denominator and output in registers, and writes o and lse [B, H, T].
+Forward: one program per (query block, batch, head), on one grid axis (_launch); each program walks the
+key blocks its queries can reach, keeping the running max, denominator and output in registers, and
+writes o and lse [B, H, T].
 
 Backward, from the GIVEN o and lse (a ring passes merged ones): delta = rowsum(do * o) - dlse in JAX,
 then two kernels without atomics:
-  * dkdv_kernel, grid (key blocks, B * Hkv): each program walks the G query heads of its kv head and
-    their query blocks, so dk and dv are summed over the GQA group in registers;
-  * dq_kernel, grid (query blocks, B * H), which also writes dS per (b, h) pair block when there is a
-    bias: dbias is then dS summed over the bias's broadcast dims (a [B, H, T, S] float32 buffer: bias
-    users already hold an O(T S) array);
+  * dkdv_kernel, one program per (key block, batch, kv head): each walks the G query heads of its kv
+    head and their query blocks, so dk and dv are summed over the GQA group in registers;
+  * dq_kernel, one program per (query block, batch, head), which also writes dS per (b, h) pair block
+    when there is a bias: dbias is then dS summed over the bias's broadcast dims (a [B, H, T, S] float32
+    buffer: bias users already hold an O(T S) array);
 and dsinks = -sum_{b, i} exp(sink - lse_i) * delta_i in JAX.
 
 Block skipping from positions: a tiny JAX pre-pass takes the min/max of q and kv positions (and segment
@@ -186,8 +187,20 @@ def block_ranges(need, full):
 # --------------------------------------------------------------------------------------------- launch
 
 
+def _flat_grid(grid):
+    """(blocks * B * heads,) for a (blocks, B * heads) grid; ValueError past CUDA's 2**31 - 1 programs."""
+    total = int(grid[0]) * int(grid[1])
+    if total >= 2**31:
+        raise ValueError(f"the Triton attention kernels launch at most 2**31 - 1 programs, this call needs "
+                         f"{total} (grid {tuple(grid)}): split the batch")
+    return (total,)
+
+
 def _launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, zeroed_outputs=(), **constexprs):
     """One launch of triton_kernels.<name> through jax-triton; outputs follow the inputs in its signature.
+
+    grid: (blocks, B * heads), launched as one axis of blocks * B * heads programs, blocks fastest (the
+    kernels split the index): CUDA's second grid axis holds at most 65535, fewer than B * H can be.
 
     (tests/test_attention_triton_interpret.py replaces this function to run the same kernels in Triton's
     interpreter on CPU.)
@@ -196,6 +209,7 @@ def _launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, zeroed_out
 
     from shardattn.kernels.attention import triton_kernels
 
+    grid = _flat_grid(grid)
     outputs = jt.triton_call(
         *inputs, kernel=getattr(triton_kernels, name), out_shape=out_shapes, grid=grid,
         name=f"attention_{name}", num_warps=num_warps, num_stages=num_stages,

@@ -250,13 +250,13 @@ def fwd_kernel(
     HAS_BIAS: tl.constexpr, BIAS_SB: tl.constexpr, BIAS_SH: tl.constexpr, NSINK: tl.constexpr,
     BSINK: tl.constexpr, DROPOUT: tl.constexpr, DROP_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    # grid (NQ, B * H): one program per (query block, batch, query head).
+    # NQ * B * H programs: one per (query block, batch, query head).
     # ranges: [B, NQ, 4] int32 (lo, flo, fhi, hi) key blocks; drop: [7] uint32 (s0, s1, threshold,
     # q_offset, kv_offset, batch_offset, head_offset) with DROPOUT.
     # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
     # starting them first shortens the tail of the grid.
-    i = NQ - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (triton.py: _launch)
+    bh = tl.program_id(0) // NQ
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
@@ -397,11 +397,11 @@ def dkdv_kernel(
     HAS_BIAS: tl.constexpr, BIAS_SB: tl.constexpr, BIAS_SH: tl.constexpr, DROPOUT: tl.constexpr,
     DROP_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    # grid (NK, B * HKV): one program per (key block, batch, kv head) walks the G query heads of its group
+    # NK * B * HKV programs: one per (key block, batch, kv head) walks the G query heads of its group
     # and their query blocks, so dk, dv [B, S, HKV, D] are summed over the group in registers (no atomics).
     # ranges: [B, NK, 4] int32 (lo, flo, fhi, hi) query blocks per key block.
-    j = tl.program_id(0)
-    bh = tl.program_id(1)
+    j = tl.program_id(0) % NK  # one grid axis, key blocks fastest (triton.py: _launch)
+    bh = tl.program_id(0) // NK
     b = bh // HKV
     hk = bh % HKV
     G: tl.constexpr = H // HKV
@@ -512,11 +512,11 @@ def dq_kernel(
     HAS_BIAS: tl.constexpr, BIAS_SB: tl.constexpr, BIAS_SH: tl.constexpr, DROPOUT: tl.constexpr,
     DROP_SCALE: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
-    # grid (NQ, B * H), the forward's: one program per (query block, batch, query head).
+    # NQ * B * H programs, as the forward: one per (query block, batch, query head).
     # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
     # starting them first shortens the tail of the grid.
-    i = NQ - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
+    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (triton.py: _launch)
+    bh = tl.program_id(0) // NQ
     b = bh // H
     h = bh % H
     hk = h // (H // HKV)
