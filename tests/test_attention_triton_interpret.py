@@ -82,7 +82,7 @@ def _interpret_launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, 
             torch.full(s.shape, 0 if n in zeroed_outputs else float("nan"), dtype=_TORCH[jnp.dtype(s.dtype)])
             for n, s in enumerate(out_shapes)
         ]
-        kernel[triton_attn._flat_grid(grid)](*args, *outs, **meta)  # one axis, as triton._launch
+        kernel[grid](*args, *outs, **meta)
         return tuple(_to_numpy(t, s.dtype) for t, s in zip(outs, out_shapes, strict=True))
 
     outputs = jax.pure_callback(host, tuple(out_shapes), *inputs)

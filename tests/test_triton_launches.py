@@ -110,6 +110,6 @@ def test_grids_are_one_axis_past_cudas_65535(launches):
 
 
 def test_flat_grid_refuses_more_programs_than_cuda_launches():
-    assert tr._flat_grid(3, 5, 7) == (105,)
+    assert tr.flat_grid(3, 5, 7) == (105,)
     with pytest.raises(ValueError, match="2\\*\\*31 - 1 programs"):
-        tr._flat_grid(2**16, 2**15)
+        tr.flat_grid(2**16, 2**15)

@@ -3,7 +3,7 @@
 The kernel bodies are in triton_kernels.py (FlashAttention-2 structure, base-2 online softmax); this
 module checks what it can serve, computes the block ranges, launches, and builds the custom_vjp.
 
-Forward: one program per (query block, batch, head), on one grid axis (_launch); each program walks the
+Forward: one program per (query block, batch, head), on one grid axis (flat_grid); each program walks the
 key blocks its queries can reach, keeping the running max, denominator and output in registers, and
 writes o and lse [B, H, T].
 
@@ -33,6 +33,7 @@ import numpy as np
 from shardattn.kernels.attention import dropout, halves
 from shardattn.kernels.attention.options import AttentionOptions
 from shardattn.kernels.lightning.varying import match_varying
+from shardattn.kernels.triton_grid import flat_grid
 
 MAX_HEAD_DIM = 256
 _INT_MAX = np.iinfo(np.int32).max
@@ -187,20 +188,8 @@ def block_ranges(need, full):
 # --------------------------------------------------------------------------------------------- launch
 
 
-def _flat_grid(grid):
-    """(blocks * B * heads,) for a (blocks, B * heads) grid; ValueError past CUDA's 2**31 - 1 programs."""
-    total = int(grid[0]) * int(grid[1])
-    if total >= 2**31:
-        raise ValueError(f"the Triton attention kernels launch at most 2**31 - 1 programs, this call needs "
-                         f"{total} (grid {tuple(grid)}): split the batch")
-    return (total,)
-
-
 def _launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, zeroed_outputs=(), **constexprs):
     """One launch of triton_kernels.<name> through jax-triton; outputs follow the inputs in its signature.
-
-    grid: (blocks, B * heads), launched as one axis of blocks * B * heads programs, blocks fastest (the
-    kernels split the index): CUDA's second grid axis holds at most 65535, fewer than B * H can be.
 
     (tests/test_attention_triton_interpret.py replaces this function to run the same kernels in Triton's
     interpreter on CPU.)
@@ -209,7 +198,6 @@ def _launch(name, grid, inputs, out_shapes, *, num_warps, num_stages, zeroed_out
 
     from shardattn.kernels.attention import triton_kernels
 
-    grid = _flat_grid(grid)
     outputs = jt.triton_call(
         *inputs, kernel=getattr(triton_kernels, name), out_shape=out_shapes, grid=grid,
         name=f"attention_{name}", num_warps=num_warps, num_stages=num_stages,
@@ -319,7 +307,7 @@ def _forward(q, k, v, bias, sinks, q_segment_ids, kv_segment_ids, q_positions, k
     nsink = 0 if sinks is None else sinks.shape[1]
     sinks_arg = jnp.zeros((1,), jnp.float32) if sinks is None else sinks.astype(jnp.float32)
     o, lse = _launch(
-        "fwd_kernel", (nq, B * H),
+        "fwd_kernel", flat_grid(nq, B * H),
         (q, k, v, qpos, kvpos, qseg, kvseg, bias_arg, sinks_arg, drop, ranges),
         (jax.ShapeDtypeStruct((B, T, H, Dv), q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
         num_warps=blocks.fwd_warps, num_stages=blocks.fwd_stages, BQ=bq, BK=bk, NQ=nq, NSINK=nsink,
@@ -383,7 +371,7 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
     need, full = block_pairs(qpos, kvpos, q_segment_ids, kv_segment_ids, options, bq, bk)
     ranges = block_ranges(jnp.swapaxes(need, 1, 2), jnp.swapaxes(full, 1, 2))
     dk, dv = _launch(
-        "dkdv_kernel", (nk, B * Hkv), common + (ranges,),
+        "dkdv_kernel", flat_grid(nk, B * Hkv), common + (ranges,),
         (jax.ShapeDtypeStruct(k.shape, out(k)), jax.ShapeDtypeStruct(v.shape, out(v))),
         num_warps=blocks.dkdv_warps, num_stages=blocks.dkdv_stages, BQ=bq, BK=bk, NK=nk, **meta,
     )  # fmt: skip
@@ -394,7 +382,7 @@ def _backward(q, k, v, o, lse, do, dlse, bias, sinks, q_segment_ids, kv_segment_
     ranges = block_ranges(*block_pairs(qpos, kvpos, q_segment_ids, kv_segment_ids, options, bq, bk))
     ds_shape = (B, H, T, S) if bias is not None else (1,)
     dq, ds = _launch(
-        "dq_kernel", (nq, B * H), common + (ranges,),
+        "dq_kernel", flat_grid(nq, B * H), common + (ranges,),
         (jax.ShapeDtypeStruct(q.shape, out(q)), jax.ShapeDtypeStruct(ds_shape, f32)),
         num_warps=blocks.dq_warps, num_stages=blocks.dq_stages,
         zeroed_outputs=(1,) if bias is not None else (), BQ=bq, BK=bk, NQ=nq, **meta,

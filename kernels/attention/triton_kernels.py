@@ -255,7 +255,7 @@ def fwd_kernel(
     # q_offset, kv_offset, batch_offset, head_offset) with DROPOUT.
     # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
     # starting them first shortens the tail of the grid.
-    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (triton.py: _launch)
+    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (kernels/triton_grid.py)
     bh = tl.program_id(0) // NQ
     b = bh // H
     h = bh % H
@@ -400,7 +400,7 @@ def dkdv_kernel(
     # NK * B * HKV programs: one per (key block, batch, kv head) walks the G query heads of its group
     # and their query blocks, so dk, dv [B, S, HKV, D] are summed over the group in registers (no atomics).
     # ranges: [B, NK, 4] int32 (lo, flo, fhi, hi) query blocks per key block.
-    j = tl.program_id(0) % NK  # one grid axis, key blocks fastest (triton.py: _launch)
+    j = tl.program_id(0) % NK  # one grid axis, key blocks fastest (kernels/triton_grid.py)
     bh = tl.program_id(0) // NK
     b = bh // HKV
     hk = bh % HKV
@@ -515,7 +515,7 @@ def dq_kernel(
     # NQ * B * H programs, as the forward: one per (query block, batch, query head).
     # Query blocks in reverse launch order: under causal masks the last ones walk the most key blocks, and
     # starting them first shortens the tail of the grid.
-    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (triton.py: _launch)
+    i = NQ - 1 - tl.program_id(0) % NQ  # one grid axis, query blocks fastest (kernels/triton_grid.py)
     bh = tl.program_id(0) // NQ
     b = bh // H
     h = bh % H

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 
 from shardattn.kernels import triton_interpret
 from shardattn.kernels.lightning.varying import match_varying
+from shardattn.kernels.triton_grid import flat_grid
 
 CHUNK = 64
 MAX_HEAD_DIM = 256
@@ -195,7 +196,7 @@ def _kernels():
         # program runs one segment from its own incoming state s0[n, h, s]. STATES_ONLY runs a segment
         # from zero and only writes its local final state (the first pass of the segment scan).
         NVB: tl.constexpr = (DV + BV - 1) // BV
-        pid_v = tl.program_id(0) % NVB  # one flat grid axis (_flat_grid), Dv blocks fastest
+        pid_v = tl.program_id(0) % NVB  # one flat grid axis (flat_grid), Dv blocks fastest
         pid = tl.program_id(0) // NVB  # (n * H + h) * P + segment
         seg = pid % P
         pid_nh = pid // P
@@ -252,9 +253,9 @@ def _kernels():
                 # q_i or k_j reaches only the rows i' >= j of the scores. In the second dot a bad v_j
                 # would reach every row (0 * NaN), so bad rows of v are zeroed there and their NaN
                 # re-enters every output from j on: bad_j = sum(0 * v_j) is 0, or NaN exactly when v_j
-                # is not finite, and its prefix sum is NaN from j on. (Two row reductions and one scan
-                # of C values per chunk; the chunk state below uses the raw k, v and carries the NaN.)
-                # Only a chunk with a non-finite v takes that path: the plain product is the same
+                # is not finite, and its prefix sum is NaN from j on. The chunk state below uses the raw
+                # k, v and carries the NaN. Per chunk: one row reduction and its sum, the flag; only a
+                # chunk with a non-finite v zeroes rows and scans, since the plain product is the same
                 # otherwise (H200: forward 0.94-0.99x; the row reduction itself is most of what the
                 # rule costs, ~0.88x without any of it at Dk = 128).
                 scores = tl.where(ii[:, None] >= ii[None, :], _dot(q, tl.trans(k), IEEE) * intra, 0.0)
@@ -291,7 +292,7 @@ def _kernels():
         # st: [H, NC_TOTAL, DV, DK] S_in^T of every chunk (written by the dq pass).
         # dk: [NV, B*T, H, DK] partial sums over Dv blocks (float32); dv: [B*T, H, DV] float32 per query
         # head (summed over the GQA group outside); ds0: [N, H, DK, DV]; dslope: [N*H*NV] partial sums.
-        pid_v = tl.program_id(0) % NV  # one flat grid axis (_flat_grid), Dv blocks fastest
+        pid_v = tl.program_id(0) % NV  # one flat grid axis (flat_grid), Dv blocks fastest
         pid_nh = tl.program_id(0) // NV
         n = pid_nh // H
         h = pid_nh % H
@@ -395,7 +396,7 @@ def _kernels():
         # block of G: its rows need only the same columns of q.
         NVB: tl.constexpr = (DV + BV - 1) // BV
         NKB: tl.constexpr = (DK + BK - 1) // BK
-        pid_v = tl.program_id(0) % NVB  # one flat grid axis (_flat_grid): Dv blocks, then Dk blocks
+        pid_v = tl.program_id(0) % NVB  # one flat grid axis (flat_grid): Dv blocks, then Dk blocks
         pid_k = (tl.program_id(0) // NVB) % NKB
         pid = tl.program_id(0) // (NVB * NKB)  # (n * H + h) * P + segment
         seg = pid % P
@@ -463,7 +464,7 @@ def _kernels():
         # LATE_G: G is read only once dq is stored, and S_in read a second time (a cache hit) for the
         # <S_in, G> term, so that neither [Dk, BV] tile is held across dq's work (at Dk = 128: 84 bytes of
         # spills per thread instead of 196 and 90112 B of shared memory instead of 114688, ptxas).
-        pid_v = tl.program_id(0) % NV  # one flat grid axis (_flat_grid): Dv blocks, chunk slots, heads
+        pid_v = tl.program_id(0) % NV  # one flat grid axis (flat_grid): Dv blocks, chunk slots, heads
         slot = (tl.program_id(0) // NV) % NC_TOTAL
         h = tl.program_id(0) // (NV * NC_TOTAL)
         hk = h // (H // HKV)
@@ -552,19 +553,6 @@ def _kernels():
 
 
 # --------------------------------------------------------------------------------------------- wrappers
-
-
-def _flat_grid(*dims):
-    """A grid of prod(dims) programs on CUDA's first grid axis, the first dim fastest (the order in which
-    a grid of `dims` would run). The second and third axes hold at most 65535 programs, which chunk slots
-    (4M tokens per call) or packed sequences times heads could pass; the first holds 2^31 - 1."""
-    total = 1
-    for d in dims:
-        total *= int(d)
-    if total >= 2**31:
-        raise ValueError(f"the Triton lightning kernels launch at most 2**31 - 1 programs, this call needs "
-                         f"{total} (grid {dims}): split the batch or the sequence")
-    return (total,)
 
 
 def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
@@ -680,7 +668,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
         has_s0 = s0 is not None
         s0_arg = s0[:, :, None] if has_s0 else dummy
     o, sf, st = _launch(
-        _kernels()[0], _flat_grid(-(-DV // walk_bv), N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
+        _kernels()[0], flat_grid(-(-DV // walk_bv), N * H * P), (q, k, v, slopes, s0_arg, cu, coff),
         (jax.ShapeDtypeStruct(q.shape[:3] + (DV,) if not states_only else (1,), out_dtype), state_shape,
          st_shape),
         HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=bool(states_only), **meta,
@@ -776,7 +764,7 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
     NV = -(-DV // BV)
     split = NV > 1
     dq_part, dk_part, dv_h, dslope_part = _launch(
-        _kernels()[3], _flat_grid(NV, nc_total, H),
+        _kernels()[3], flat_grid(NV, nc_total, H),
         (q, k, v, do, slopes, states, gstates, cu, coff, slot_seq, slot_chunk),
         # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
         (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split else q.dtype),
@@ -820,7 +808,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
     BK, NK, BV, NV, P, TSEG = _g_walk_blocks(N, H, T, DK, DV, blocks, split=cu_seqlens is None)
     walk = functools.partial(
-        _launch, _kernels()[2], _flat_grid(NV, NK, N * H * P), name="lightning_dstate",
+        _launch, _kernels()[2], flat_grid(NV, NK, N * H * P), name="lightning_dstate",
         num_stages=blocks.num_stages, num_warps=blocks.walk_warps(P),
         T=T, H=H, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total,
         REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, P=P,
@@ -868,7 +856,7 @@ def _segment_gradients(q, do, slopes, scale, reverse, blocks, BK, BV, P, TSEG):
     NK, NV = -(-DK // BK), -(-DV // BV)
     dummy = jnp.zeros((1,), jnp.float32)  # g0 (never read without SEG_G0 / HAS_G0)
     _, g_seg = _launch(
-        _kernels()[2], _flat_grid(NV, NK, N * H * P), (q, do, slopes, dummy, cu, coff),
+        _kernels()[2], flat_grid(NV, NK, N * H * P), (q, do, slopes, dummy, cu, coff),
         (jax.ShapeDtypeStruct((1,), jnp.float32), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)),
         name="lightning_segment_gradients",
         num_warps=blocks.walk_warps(P),
@@ -899,7 +887,7 @@ def _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal):
     BV = min(blocks.bwd_bv, _pow2(DV))
     NV = -(-DV // BV)
     dk_part, dv_h, ds0, dslope_part = _launch(
-        _kernels()[1], _flat_grid(NV, N * H),
+        _kernels()[1], flat_grid(NV, N * H),
         (q, k, v, do, slopes, dfinal, states_t, cu, coff),
         # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
         (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if NV > 1 or G > 1 else k.dtype),
@@ -996,7 +984,7 @@ def _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV):
     NV = -(-DV // BV)
     dummy = jnp.zeros((1,), jnp.float32)  # q (never read with STATES_ONLY), s0
     _, s_seg, _ = _launch(
-        _kernels()[0], _flat_grid(NV, N * H * P), (dummy, k, v, slopes, dummy, cu, coff),
+        _kernels()[0], flat_grid(NV, N * H * P), (dummy, k, v, slopes, dummy, cu, coff),
         (jax.ShapeDtypeStruct((1,), k.dtype), jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32),
          jax.ShapeDtypeStruct((1,), jnp.float32)),
         name="lightning_segment_states",
