@@ -155,6 +155,15 @@ def test_small_blocks_many_programs():
                             options=AttentionOptions(scale=0.125, causal=True, window=(200, 0)))  # fmt: skip
 
 
+def test_more_batch_heads_than_a_grid_axis_holds():
+    """B * H = 66000 (GQA 10 to 1): past the 65535 programs that grid axes 1 and 2 hold, so only the single
+    flat grid axis launches the forward, dq and dk/dv kernels; two query and key blocks each."""
+    q, k, v = inputs(3, 150, 150, 22000, 2200, 16, 16, BF16, seed=7)
+    qp, kp = positions(3, 150, 150)
+    check_against_reference(q, k, v, q_positions=qp, kv_positions=kp,
+                            options=AttentionOptions(scale=0.25, causal=True))  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["float32", "bfloat16"])
 def test_backward_with_merged_o_and_lse(dtype):
     """A ring's use: forward on two key halves, merge_attention, then backward per half with the merged o

@@ -6,13 +6,14 @@ Skipped off-GPU by tests/conftest.py (the `gpu` marker). Run on the GPU machine 
 
 import functools
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import test_nonfinite as nonfinite
 from helpers import Case, assert_close, make_inputs, tolerance
-from test_lightning import check_against_reference, run_with_grads
+from test_lightning import SCALE, check_against_reference, run_with_grads
 
 import shardattn
 
@@ -118,6 +119,36 @@ def test_deterministic():
     second = run_with_grads(IMPL, inputs)
     for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+MANY_SLOTS = 66000
+
+
+def test_more_chunk_slots_than_a_grid_axis_holds():
+    """66000 packed sequences of one chunk each: 66000 chunk slots and 132000 (sequence, head) pairs, past
+    the 65535 programs that grid axes 1 and 2 hold, so only a single flat grid axis launches it. The packed
+    call equals the reference run on the same tokens as a batch of 66000 separate sequences."""
+    n, C = MANY_SLOTS, 64
+    case = Case(B=n, T=C, H=2, Dk=16, dtype=jnp.bfloat16)
+    inputs = make_inputs(case, with_state=True)
+    cu = jnp.arange(0, n * C + 1, C, dtype=jnp.int32)
+
+    def packed(q, k, v, *, slopes, initial_state, return_state, **kw):
+        flat = lambda x: x.reshape(1, n * C, *x.shape[2:])  # noqa: E731
+        o, s = shardattn.lightning_attention(
+            flat(q), flat(k), flat(v), slopes=slopes, initial_state=initial_state, cu_seqlens=cu,
+            return_state=return_state, implementation=IMPL, **kw,
+        )
+        return o.reshape(q.shape[:3] + o.shape[3:]), s
+
+    o, s, g = helpers.run_with_grads(packed, inputs, scale=SCALE)
+    ref_inputs = {name: x.astype(jnp.float32) for name, x in inputs.items()}
+    o_ref, s_ref, g_ref = helpers.run_with_grads(shardattn.lightning_attention, ref_inputs, scale=SCALE,
+                                                 implementation="reference")  # fmt: skip
+    assert_close("o", o, o_ref, tolerance(case.dtype))
+    assert_close("final_state", s, s_ref, tolerance(case.dtype))
+    for name in g:
+        assert_close("d" + name, g[name], g_ref[name], tolerance(case.dtype, grad=True))
 
 
 def test_unsupported_head_dim_raises():
