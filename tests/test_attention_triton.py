@@ -126,11 +126,3 @@ def test_flash_attention_falls_back_from_triton():
         shardattn.flash_attention(q, k, v, causal=True, implementation="triton")
     o = shardattn.flash_attention(q, k, v, causal=True, implementation=("triton", "xla"))
     np.testing.assert_array_equal(o, shardattn.flash_attention(q, k, v, causal=True, implementation="xla"))
-
-
-def test_launch_grid_is_one_axis_past_cudas_65535():
-    """The kernels split one grid axis into (block, batch * head), blocks fastest: B * H may pass the
-    65535 that CUDA's second grid axis holds; past 2**31 - 1 programs the launch refuses."""
-    assert triton_attn.flat_grid(3, 70000) == (210000,)
-    with pytest.raises(ValueError, match="2\\*\\*31 - 1 programs"):
-        triton_attn.flat_grid(2**16, 2**15)

@@ -25,7 +25,12 @@ def run_with_grads(impl, inputs, **kw):
 
 
 def check_against_reference(impl, inputs, dtype, **kw):
-    o, s, g = run_with_grads(impl, inputs, **kw)
+    return compare_with_reference(run_with_grads(impl, inputs, **kw), inputs, dtype, **kw)
+
+
+def compare_with_reference(results, inputs, dtype, **kw):
+    """(o, final state, grads) of a run on `inputs` against the reference's, run with the same kw."""
+    o, s, g = results
     # The reference sees the same (possibly rounded) inputs, upcast to float32.
     ref_inputs = {n: x.astype(jnp.float32) for n, x in inputs.items()}
     o_ref, s_ref, g_ref = run_with_grads("reference", ref_inputs, **kw)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import test_nonfinite as nonfinite
 from helpers import Case, assert_close, make_inputs, tolerance
-from test_lightning import SCALE, check_against_reference, run_with_grads
+from test_lightning import SCALE, check_against_reference, compare_with_reference, run_with_grads
 
 import shardattn
 
@@ -141,14 +141,7 @@ def test_more_chunk_slots_than_a_grid_axis_holds():
         )
         return o.reshape(q.shape[:3] + o.shape[3:]), s
 
-    o, s, g = helpers.run_with_grads(packed, inputs, scale=SCALE)
-    ref_inputs = {name: x.astype(jnp.float32) for name, x in inputs.items()}
-    o_ref, s_ref, g_ref = helpers.run_with_grads(shardattn.lightning_attention, ref_inputs, scale=SCALE,
-                                                 implementation="reference")  # fmt: skip
-    assert_close("o", o, o_ref, tolerance(case.dtype))
-    assert_close("final_state", s, s_ref, tolerance(case.dtype))
-    for name in g:
-        assert_close("d" + name, g[name], g_ref[name], tolerance(case.dtype, grad=True))
+    compare_with_reference(helpers.run_with_grads(packed, inputs, scale=SCALE), inputs, case.dtype)
 
 
 def test_unsupported_head_dim_raises():

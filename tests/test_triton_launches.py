@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import pytest
 
 from shardattn.kernels.lightning import triton as tr
+from shardattn.kernels.triton_grid import flat_grid
 
 
 @pytest.fixture
@@ -110,6 +111,9 @@ def test_grids_are_one_axis_past_cudas_65535(launches):
 
 
 def test_flat_grid_refuses_more_programs_than_cuda_launches():
-    assert tr.flat_grid(3, 5, 7) == (105,)
+    """kernels/triton_grid.flat_grid, which every lightning and softmax Triton launch uses: one axis of
+    all the programs (B * H may pass the 65535 of CUDA's second axis); past 2**31 - 1 it refuses."""
+    assert flat_grid(3, 5, 7) == (105,)
+    assert flat_grid(3, 70000) == (210000,)
     with pytest.raises(ValueError, match="2\\*\\*31 - 1 programs"):
-        tr.flat_grid(2**16, 2**15)
+        flat_grid(2**16, 2**15)

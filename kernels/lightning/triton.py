@@ -256,8 +256,8 @@ def _kernels():
                 # is not finite, and its prefix sum is NaN from j on. The chunk state below uses the raw
                 # k, v and carries the NaN. Per chunk: one row reduction and its sum, the flag; only a
                 # chunk with a non-finite v zeroes rows and scans, since the plain product is the same
-                # otherwise (H200: forward 0.94-0.99x; the row reduction itself is most of what the
-                # rule costs, ~0.88x without any of it at Dk = 128).
+                # otherwise (H200: forward 0.94-0.99x). What the rule still costs at Dk = 128: a walk
+                # without it ran 0.80-0.90x, one leaving it to a second launch 0.94x (RESULTS_triton.md).
                 scores = tl.where(ii[:, None] >= ii[None, :], _dot(q, tl.trans(k), IEEE) * intra, 0.0)
                 bad = tl.sum(v.to(tl.float32) * 0.0, axis=1)  # [C]: 0 or NaN
                 if tl.sum(bad, axis=0) == 0.0:
