@@ -39,7 +39,7 @@ def launches(tri, w, change):
     """(label, kernel, pointer types, constexprs, warps, stages) of a bf16 forward+backward of w."""
     B, T, H, HKV, D = w.B, w.T, w.H, w.Hkv, w.D
     blocks = dataclasses.replace(tri.BlockSizes.get_default(D, D, "bfloat16"), **change)
-    fwd, _, dstate, chunk = tri._kernels()
+    fwd, _, dstate, chunk = tri._kernels()[:4]
     N, nc_total = B, B * (-(-T // tri.CHUNK))
     BK = tri._pow2(D)
     out = []

@@ -84,3 +84,22 @@ def test_nonfinite_varies_nothing_for_finite_inputs():
                                         implementation="reference")  # fmt: skip
     assert np.all(np.isfinite(np.asarray(o)))
     assert_close("o", o, o_r, tolerance(jnp.float32))
+
+
+def test_forward_where_flagged_rewrites_only_flagged_pairs():
+    # mosaic_gpu.py's exact relaunch: flagged (sequence, head) pairs get this walk's o (here with a NaN in
+    # v, by the non-finite rule), the others keep the o passed in (a sentinel) bit for bit.
+    case = Case(B=2, T=100, H=2, Hkv=1, Dk=16)
+    x = make_inputs(case, 3, with_state=True)
+    v = x["v"].at[1, 40, 0, 3].set(jnp.nan)
+    exact = backend.lightning_attention(x["q"], x["k"], v, x["slopes"], x["initial_state"], scale=0.7)[0]
+    sentinel = jnp.full(exact.shape, 7.0, exact.dtype)
+    flags = jnp.array([0.0, 1.0, 1.0, 0.0], jnp.float32)  # pairs n * H + h: (0, 1) and (1, 0)
+    o = backend.forward_where_flagged(flags, sentinel, x["q"], x["k"], v, x["slopes"], x["initial_state"],
+                                      scale=0.7)  # fmt: skip
+    o, exact = np.asarray(o), np.asarray(exact)
+    for n, h in [(0, 0), (1, 1)]:
+        assert np.all(o[n, :, h] == 7.0), (n, h)
+    for n, h in [(0, 1), (1, 0)]:
+        np.testing.assert_array_equal(o[n, :, h], exact[n, :, h])
+    assert np.isnan(o[1, 40:, 0]).any() and np.isfinite(o[1, :40, 0]).all()

@@ -7,7 +7,13 @@ CPU-only install) costs nothing until it is asked for.
 from shardattn.kernels import load_backend
 
 # backend name -> module in this folder
-BACKENDS = {"reference": "reference", "xla": "xla", "triton": "triton", "pallas": "pallas_tpu"}
+BACKENDS = {
+    "reference": "reference",
+    "xla": "xla",
+    "triton": "triton",
+    "mosaic_gpu": "mosaic_gpu",
+    "pallas": "pallas_tpu",
+}
 
 
 def get_backend(name: str, function: str = "lightning_attention"):

@@ -141,7 +141,7 @@ def _kernels():
     import triton.language as tl
 
     # Triton resolves the helpers a kernel calls in the module's globals, not in this closure.
-    global _dot, _dot_acc, _finite, _seq_bounds
+    global _dot, _dot_acc, _finite, _seq_bounds, fwd_kernel
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -549,22 +549,45 @@ def _kernels():
                  mask=mo)
         tl.store(dslope_ptr + (pid_v * NC_TOTAL + slot) * H + h, -ds)
 
-    return fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel
+    @triton.jit
+    def fwd_where_flagged_kernel(
+        q_ptr, k_ptr, v_ptr, slope_ptr, s0_ptr, cu_ptr, coff_ptr, flag_ptr, o_in_ptr,  # inputs
+        o_ptr, sf_ptr, st_ptr,  # outputs: o_in in place (input_output_aliases), scratch final states
+        T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+        NC_TOTAL: tl.constexpr, REVERSE: tl.constexpr, VARLEN: tl.constexpr, HAS_S0: tl.constexpr,
+        STORE_STATES: tl.constexpr, IEEE: tl.constexpr, P: tl.constexpr, TSEG: tl.constexpr,
+        STATES_ONLY: tl.constexpr,
+    ):
+        # fwd_kernel's programs, each only where its (sequence, head) is flagged (flag_ptr[n * H + h]
+        # != 0; P == 1): another backend's forward left o_in there (mosaic_gpu.py), and this rewrites
+        # o of the flagged pairs by fwd_kernel's walk, the non-finite rule included. The rest return.
+        NVB: tl.constexpr = (DV + BV - 1) // BV
+        if tl.load(flag_ptr + tl.program_id(0) // NVB) != 0.0:
+            fwd_kernel(q_ptr, k_ptr, v_ptr, slope_ptr, s0_ptr, cu_ptr, coff_ptr, o_ptr, sf_ptr, st_ptr,
+                       T, H, HKV, DK, DV, BK, BV, C, SCALE, NC_TOTAL, REVERSE, VARLEN, HAS_S0,
+                       STORE_STATES, IEEE, P, TSEG, STATES_ONLY)
+
+    return fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel, fwd_where_flagged_kernel
 
 
 # --------------------------------------------------------------------------------------------- wrappers
 
 
-def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, **constexprs):
-    """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature."""
+def _launch(kernel, grid, inputs, out_shapes, *, name, num_warps, num_stages, input_output_aliases=None,
+            **constexprs):
+    """One Triton launch through jax-triton; outputs follow the inputs in the kernel's signature.
+    input_output_aliases {input index: output index}: that output is written over that input's buffer."""
+    aliases = dict(input_output_aliases or {})
     if triton_interpret.enabled():  # development/CPU tests: Triton's interpreter, no GPU
-        outputs = triton_interpret.launch(kernel, grid, inputs, out_shapes, **constexprs)
+        outputs = triton_interpret.launch(kernel, grid, inputs, out_shapes, input_output_aliases=aliases,
+                                          **constexprs)
     else:
         import jax_triton as jt
 
         outputs = jt.triton_call(
-            *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name,
-            num_warps=num_warps, num_stages=num_stages, **constexprs,
+            *inputs, kernel=kernel, out_shape=out_shapes, grid=grid, name=name, num_warps=num_warps,
+            num_stages=num_stages, input_output_aliases=aliases, **constexprs,
         )
     # Inside shard_map, the launch's outputs (triton_call's, or the interpreter's pure_callback's) are
     # typed as varying over no mesh axis; they vary like the data they were computed from. (This runs
@@ -674,6 +697,35 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
         HAS_S0=has_s0, STORE_STATES=bool(store_states), STATES_ONLY=bool(states_only), **meta,
     )
     return o, sf[:, :, -1], (st if store_states else None)
+
+
+def forward_where_flagged(flags, o, q, k, v, slopes, s0, *, scale):
+    """o with the (sequence, head) pairs whose flags [B * H] are not 0 recomputed by this backend's walk
+    (one segment, the non-finite rule included); the other pairs keep o as it is, in place.
+
+    For another backend's forward (mosaic_gpu.py) that follows the non-finite rule only for finite
+    inputs: it flags the pairs whose final state is not finite (a non-finite k or v reaches it).
+    Values only, no cu_seqlens, no reverse. The unflagged programs return at once: on finite inputs
+    this launch costs its start only.
+    """
+    B, T, H, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    blocks = BlockSizes.get_default(DK, DV, q.dtype)
+    N, nc_total, cu, coff = _layout(None, B, T)
+    BV = min(blocks.fwd_bv, _pow2(DV))
+    walk_bv, warps = _walk_blocks(blocks, BV, DV, 1, stores=False)
+    dummy = jnp.zeros((1,), jnp.float32)
+    inputs = (q, k, v, slopes, dummy if s0 is None else s0[:, :, None], cu, coff, flags, o)
+    out, _, _ = _launch(
+        _kernels()[4], flat_grid(-(-DV // walk_bv), N * H), inputs,
+        (jax.ShapeDtypeStruct(o.shape, o.dtype), jax.ShapeDtypeStruct((N, H, 1, DK, DV), jnp.float32),
+         jax.ShapeDtypeStruct((1,), jnp.float32)),
+        input_output_aliases={len(inputs) - 1: 0}, name="lightning_fwd_where_flagged", num_warps=warps,
+        num_stages=blocks.num_stages, T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=walk_bv, C=CHUNK,
+        SCALE=float(scale), NC_TOTAL=nc_total, REVERSE=False, VARLEN=False, HAS_S0=s0 is not None,
+        STORE_STATES=False, IEEE=q.dtype == jnp.float32, P=1, TSEG=T, STATES_ONLY=False,
+    )  # fmt: skip
+    return out
 
 
 def _check_supported(q, k, v):

@@ -1,0 +1,84 @@
+"""The mosaic_gpu lightning forward against the triton one, in one process, on the GPU machine.
+
+    python benchmarks/lightning_mosaic_gpu.py --out benchmarks/results/h200_lightning_mosaic_gpu_DATE.json
+
+Times the undifferentiated forward (the only call the Mosaic walk serves; gradients are Triton's in
+both) of `implementation="mosaic_gpu"` and `"triton"`, and the Mosaic forward without its exact
+relaunch for non-finite inputs (what that launch costs on finite inputs), in interleaved rounds
+(medians of wall time of back-to-back jitted calls: one executable each, so GPU time). Prints each
+against Triton and against the forward's HBM floor (q, k, v read once, o written once, at the copy
+bandwidth measured in the same run).
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from timing import add_run_arguments, copy_bandwidth_gbs, environment, time_call  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+LAYER_IDX, NUM_LAYERS = 2, 8
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(p, "b4-t8k-h16-d128,b1-t32k-h16-d128,b2-t16k-h64-d128,b1-t128k-h16-d128")
+    args = p.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    import shardattn
+    from shardattn.kernels.lightning import mosaic_gpu
+
+    def no_relaunch(flags, o, *a, **kw):
+        return o
+
+    bw = copy_bandwidth_gbs()
+    rows = []
+    for name in args.workloads.split(","):
+        w = WORKLOADS[name]
+        keys = jax.random.split(jax.random.PRNGKey(0), 3)
+        q, k, v = (jax.random.normal(kk, (w.B, w.T, h, w.D), jnp.float32).astype(w.dtype)
+                   for kk, h in zip(keys, (w.H, w.Hkv, w.Hkv)))  # fmt: skip
+        slopes = jnp.asarray(shardattn.decay_slopes(w.H, LAYER_IDX, NUM_LAYERS))
+
+        def fwd(impl):
+            return jax.jit(lambda q, k, v: shardattn.lightning_attention(q, k, v, slopes=slopes,
+                                                                         implementation=impl))  # fmt: skip
+
+        fns = {"triton": fwd("triton"), "mosaic_gpu": fwd("mosaic_gpu")}
+        relaunch = mosaic_gpu.triton.forward_where_flagged
+        mosaic_gpu.triton.forward_where_flagged = no_relaunch  # traced now, inside the next warm-up
+        fns["mosaic_gpu, no exact relaunch"] = fwd("mosaic_gpu")
+        time_call(fns["mosaic_gpu, no exact relaunch"], q, k, v, warmup=1, repeats=1)
+        mosaic_gpu.triton.forward_where_flagged = relaunch
+        for f in fns.values():
+            time_call(f, q, k, v, warmup=args.warmup, repeats=1)
+        samples = {n: [] for n in fns}
+        for _ in range(args.rounds):
+            for n, f in fns.items():
+                samples[n].append(time_call(f, q, k, v, warmup=1, repeats=1, inner=args.inner))
+        ms = {n: statistics.median(s) for n, s in samples.items()}
+        floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
+        P = mosaic_gpu._num_segments(w.B * w.H * (w.D // mosaic_gpu.BV), w.T // mosaic_gpu.CHUNK)
+        diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
+                                     - fns["triton"](q, k, v).astype(jnp.float32))))  # fmt: skip
+        rows.append(dict(workload=name, ms=ms, floor_ms=floor, segments=P, max_abs_diff_vs_triton=diff))
+    print(f"{environment()['device']}, copy {bw:.0f} GB/s; forward ms (÷ triton, ÷ HBM floor)")
+    for r in rows:
+        t = r["ms"]["triton"]
+        cells = "  ".join(f"{n} {m:.3f} ({m / t:.2f}, {m / r['floor_ms']:.2f})" for n, m in r["ms"].items())
+        print(f"{r['workload']:18s} P={r['segments']:<2d} floor {r['floor_ms']:.3f}  {cells}  "
+              f"max|mosaic-triton| {r['max_abs_diff_vs_triton']:.3g}")  # fmt: skip
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({**environment(), "copy_bandwidth_gbs": bw, "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""mosaic_gpu backend (kernels/lightning/mosaic_gpu.py): the Mosaic GPU forward walk against the float32
+reference, its segment rule, the exact relaunch for non-finite inputs, and what it declines.
+
+The `gpu` cases need a Hopper GPU (skipped elsewhere by tests/conftest.py); the others run on CPU.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import Case, assert_close, make_inputs, tolerance
+from test_lightning import compare_with_reference, run_with_grads
+
+import shardattn
+from shardattn.kernels.lightning import mosaic_gpu, reference
+
+BF16 = jnp.bfloat16
+
+
+def test_declines_off_gpu():
+    if jax.default_backend() == "gpu":
+        pytest.skip("checks the CPU answer")
+    x = make_inputs(Case(B=1, T=256, H=2, Dk=128, dtype=BF16))
+    with pytest.raises(NotImplementedError, match="mosaic_gpu backend needs a GPU"):
+        mosaic_gpu.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=0.1)
+    # the GPU default list starts with it; elsewhere the platform's list never names it
+    assert shardattn.lightning.resolve_implementations(None) == ("xla",)
+
+
+@pytest.mark.parametrize(
+    "items,chunks,sms,want",
+    [
+        (128, 128, 132, 1),  # b4-t8k: one program per (sequence, head, Dv block) already fills the GPU
+        (32, 512, 132, 4),  # b1-t32k: 4 segments of 128 chunks, 128 programs
+        (32, 2048, 132, 4),  # b1-t128k
+        (4, 64, 132, 16),  # divides the chunks evenly: 16 segments of 4 chunks, not 21 or 32
+        (4, 5, 132, 1),  # segments of fewer than STAGES chunks are never made
+    ],
+)
+def test_segment_rule(monkeypatch, items, chunks, sms, want):
+    class Device:
+        core_count = sms
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+    P = mosaic_gpu._num_segments(items, chunks)
+    assert P == want
+    assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES and items * P <= sms
+
+
+def _hopper():
+    capability = str(getattr(jax.devices()[0], "compute_capability", ""))
+    if jax.default_backend() != "gpu" or not capability.startswith("9"):
+        pytest.skip("needs a Hopper GPU")
+
+
+FORWARD_CASES = [
+    Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # one segment
+    Case(B=1, T=4096, H=2, Dk=128, dtype=BF16),  # few pairs: 16 segments of 4 chunks
+    Case(B=1, T=1024, H=8, Hkv=2, Dk=128, dtype=BF16),  # GQA
+    Case(B=2, T=256, H=2, Dk=128, Dv=192, dtype=BF16),  # three Dv blocks
+    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("with_state", [False, True], ids=["zero-state", "initial-state"])
+def test_forward_matches_reference(case, with_state):
+    # Undifferentiated: this is the Mosaic walk (a gradient would run the Triton rules).
+    _hopper()
+    x = make_inputs(case, 5, with_state=with_state)
+    kw = dict(slopes=x["slopes"], initial_state=x.get("initial_state"), scale=0.3, return_state=True)
+    o, s = shardattn.lightning_attention(x["q"], x["k"], x["v"], implementation="mosaic_gpu", **kw)
+    ref = {n: a.astype(jnp.float32) for n, a in x.items()}
+    o_r, s_r = shardattn.lightning_attention(ref["q"], ref["k"], ref["v"], implementation="reference",
+                                             **dict(kw, slopes=ref["slopes"],
+                                                    initial_state=ref.get("initial_state")))  # fmt: skip
+    assert o.dtype == case.dtype
+    assert_close("o", o, o_r, tolerance(case.dtype))
+    assert_close("final_state", s, s_r, tolerance(case.dtype))
+
+
+@pytest.mark.gpu
+def test_gradients_match_reference():
+    # Through the backend's custom_vjp, whose rules are the Triton backend's.
+    _hopper()
+    case = Case(B=1, T=1024, H=4, Hkv=2, Dk=128, dtype=BF16)
+    x = make_inputs(case, 6, with_state=True)
+    compare_with_reference(run_with_grads("mosaic_gpu", x), x, case.dtype)
+
+
+@pytest.mark.gpu
+def test_default_on_hopper():
+    _hopper()
+    for dk, expected in ((128, "mosaic_gpu"), (64, "triton")):
+        x = make_inputs(Case(B=1, T=512, H=4, Dk=dk, dtype=BF16), 7)
+        default = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"])
+        named = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"],
+                                              implementation=expected)  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(default), np.asarray(named), err_msg=f"Dk={dk}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case,kw,reason",
+    [
+        (Case(B=1, T=300, H=2, Dk=128, dtype=BF16), {}, "T a multiple of 64"),
+        (Case(B=1, T=256, H=2, Dk=64, dtype=BF16), {}, "serves Dk = 128"),
+        (Case(B=1, T=256, H=2, Dk=128), {}, "bfloat16/float16"),
+        (Case(B=1, T=256, H=2, Dk=128, dtype=BF16), {"reverse": True}, "reverse"),
+    ],
+)
+def test_declines_and_triton_serves(case, kw, reason):
+    _hopper()
+    x = make_inputs(case, 8)
+    with pytest.raises(NotImplementedError, match=reason):
+        mosaic_gpu.lightning_attention(x["q"], x["k"], x["v"], x["slopes"], scale=0.3, **kw)
+    both = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], scale=0.3,
+                                         implementation=("mosaic_gpu", "triton"), **kw)  # fmt: skip
+    alone = shardattn.lightning_attention(x["q"], x["k"], x["v"], slopes=x["slopes"], scale=0.3,
+                                          implementation="triton", **kw)  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(both), np.asarray(alone))
+
+
+# (batch row, token, kv head, "k" | "v", value): mid-chunk, chunk start, chunk end, in a later segment
+BAD = [(0, 37, 0, "v", np.nan), (1, 64, 1, "k", np.inf), (1, 191, 0, "v", -np.inf), (2, 1000, 1, "v", np.nan)]
+
+
+@pytest.mark.gpu
+def test_nonfinite_is_causal():
+    # A bad k_j or v_j reaches outputs p >= j of its sequence and kv head's query heads, nothing before:
+    # the Mosaic walk alone would spread a bad v_j to the whole chunk; the exact relaunch must undo that.
+    _hopper()
+    case = Case(B=3, T=2048, H=4, Hkv=2, Dk=128, dtype=BF16)  # 12 pairs x 2 Dv blocks: 4 segments
+    assert mosaic_gpu._num_segments(case.B * case.H * 2, case.T // 64) > 1
+    x = make_inputs(case, 9, with_state=True)
+    y = dict(x)
+    for b, t, kv, name, value in BAD:
+        y[name] = y[name].at[b, t, kv, 5].set(value)
+
+    def run(d):
+        o, s = shardattn.lightning_attention(d["q"], d["k"], d["v"], slopes=d["slopes"], scale=0.3,
+                                             initial_state=d["initial_state"], return_state=True,
+                                             implementation="mosaic_gpu")  # fmt: skip
+        return np.asarray(o, np.float32), np.asarray(s)
+
+    o_fin, s_fin = run(x)
+    o_bad, s_bad = run(y)
+    f32 = {n: a.astype(jnp.float32) for n, a in y.items()}
+    o_ref, s_ref = (np.asarray(a) for a in reference.lightning_attention(
+        f32["q"], f32["k"], f32["v"], f32["slopes"], f32["initial_state"], scale=0.3))  # fmt: skip
+    reach = np.zeros(o_bad.shape[:3], bool)
+    reach_state = np.zeros(s_bad.shape[:2], bool)
+    for b, t, kv, _, _ in BAD:
+        reach[b, t:, 2 * kv : 2 * kv + 2] = True
+        reach_state[b, 2 * kv : 2 * kv + 2] = True
+    runs = (("o", o_bad, o_fin, o_ref, reach), ("state", s_bad, s_fin, s_ref, reach_state))
+    for what, got, fin, ref, mask in runs:
+        mask = np.broadcast_to(mask.reshape(mask.shape + (1,) * (got.ndim - mask.ndim)), got.shape)
+        assert np.all(np.isfinite(ref[~mask])) and not np.all(np.isfinite(ref[mask])), what
+        assert np.all(np.isfinite(got[~mask])), f"{what}: non-finite values where no bad token reaches"
+        # (a flagged pair's o is the Triton walk's, which rounds differently from the Mosaic walk's)
+        np.testing.assert_allclose(got[~mask], fin[~mask], rtol=2e-2, atol=2e-2, err_msg=what)
+        missing = mask & ~np.isfinite(ref) & np.isfinite(got)
+        assert not missing.any(), f"{what}: finite at {np.argwhere(missing)[:5]} where the reference is not"
+    # pairs no bad token reaches at all are not recomputed: bit for bit the finite run
+    untouched = ~reach_state
+    by_pair = lambda o: o.transpose(0, 2, 1, 3)[untouched]  # noqa: E731
+    np.testing.assert_array_equal(by_pair(o_bad), by_pair(o_fin))
