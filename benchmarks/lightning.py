@@ -215,7 +215,7 @@ def run_fla(names, warmup, reps, timeout):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--impl", default="triton,xla", help="comma-separated backends (triton, xla, reference)")
+    p.add_argument("--impl", default="triton,xla", help="backends: mosaic_gpu, triton, xla, reference")
     p.add_argument("--workloads", default=",".join(GPU_WORKLOADS), help=f"names from {list(WORKLOADS)}")
     p.add_argument("--out", default=None, help="JSON file to write (benchmarks/results/...)")
     p.add_argument("--fla", action="store_true", help="also time fla's chunk_lightning_attn (PyTorch)")
@@ -283,10 +283,12 @@ def main(argv=None):
 
     by = {(r["workload"], r["impl"]): r for r in rows}
     for name in names:
-        t, f = by.get((name, "triton")), by.get((name, "fla"))
-        if t and f and t["fwd_ms"] and t["fwd_bwd_ms"]:
-            print(f"{name:18s} triton / fla (GPU time): fwd {t['fwd_ms'] / f['fwd_ms']:.2f}x, "
-                  f"fwd+bwd {t['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x")
+        f = by.get((name, "fla"))
+        for impl in [i for i in args.impl.split(",") if i]:
+            t = by.get((name, impl))
+            if t and f and t["fwd_ms"] and t["fwd_bwd_ms"]:
+                print(f"{name:18s} {impl} / fla (GPU time): fwd {t['fwd_ms'] / f['fwd_ms']:.2f}x, "
+                      f"fwd+bwd {t['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x")
 
     if args.out:
         result = {

@@ -44,12 +44,14 @@ def main(argv=None):
         w = WORKLOADS[name]
         keys = jax.random.split(jax.random.PRNGKey(0), 3)
         q, k, v = (jax.random.normal(kk, (w.B, w.T, h, w.D), jnp.float32).astype(w.dtype)
-                   for kk, h in zip(keys, (w.H, w.Hkv, w.Hkv)))  # fmt: skip
+                   for kk, h in zip(keys, (w.H, w.Hkv, w.Hkv), strict=True))  # fmt: skip
         slopes = jnp.asarray(shardattn.decay_slopes(w.H, LAYER_IDX, NUM_LAYERS))
 
-        def fwd(impl):
-            return jax.jit(lambda q, k, v: shardattn.lightning_attention(q, k, v, slopes=slopes,
-                                                                         implementation=impl))  # fmt: skip
+        def fwd(impl, slopes=slopes):
+            def attn(*qkv):
+                return shardattn.lightning_attention(*qkv, slopes=slopes, implementation=impl)
+
+            return jax.jit(attn)
 
         fns = {"triton": fwd("triton"), "mosaic_gpu": fwd("mosaic_gpu")}
         relaunch = mosaic_gpu.triton.forward_where_flagged
