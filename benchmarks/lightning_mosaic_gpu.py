@@ -67,15 +67,17 @@ def main(argv=None):
                 samples[n].append(time_call(f, q, k, v, warmup=1, repeats=1, inner=args.inner))
         ms = {n: statistics.median(s) for n, s in samples.items()}
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
-        P = mosaic_gpu._num_segments(w.B * w.H * (w.D // mosaic_gpu.BV), w.T // mosaic_gpu.CHUNK)
+        NW, P = mosaic_gpu._plan(w.B, w.H, w.D, w.T // mosaic_gpu.CHUNK)
         diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
                                      - fns["triton"](q, k, v).astype(jnp.float32))))  # fmt: skip
-        rows.append(dict(workload=name, ms=ms, floor_ms=floor, segments=P, max_abs_diff_vs_triton=diff))
+        rows.append(dict(workload=name, ms=ms, floor_ms=floor, segments=P, compute_warpgroups=NW,
+                         max_abs_diff_vs_triton=diff))  # fmt: skip
     print(f"{environment()['device']}, copy {bw:.0f} GB/s; forward ms (÷ triton, ÷ HBM floor)")
     for r in rows:
         t = r["ms"]["triton"]
         cells = "  ".join(f"{n} {m:.3f} ({m / t:.2f}, {m / r['floor_ms']:.2f})" for n, m in r["ms"].items())
-        print(f"{r['workload']:18s} P={r['segments']:<2d} floor {r['floor_ms']:.3f}  {cells}  "
+        plan = f"NW={r['compute_warpgroups']} P={r['segments']:<2d}"
+        print(f"{r['workload']:18s} {plan} floor {r['floor_ms']:.3f}  {cells}  "
               f"max|mosaic-triton| {r['max_abs_diff_vs_triton']:.3g}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as fh:

@@ -28,23 +28,26 @@ def test_declines_off_gpu():
 
 
 @pytest.mark.parametrize(
-    "items,chunks,sms,want",
+    "B,H,Dv,chunks,sms,want",
     [
-        (128, 128, 132, 1),  # b4-t8k: one program per (sequence, head, Dv block) already fills the GPU
-        (32, 512, 132, 4),  # b1-t32k: 4 segments of 128 chunks, 128 programs
-        (32, 2048, 132, 4),  # b1-t128k
-        (4, 64, 132, 16),  # divides the chunks evenly: 16 segments of 4 chunks, not 21 or 32
-        (4, 5, 132, 1),  # segments of fewer than STAGES chunks are never made
+        (4, 16, 128, 128, 132, (1, 1)),  # b4-t8k: 128 one-warpgroup programs fill the GPU unsegmented
+        (2, 64, 128, 256, 132, (2, 1)),  # b2-t16k: 256 would take two waves; two warpgroups, 128 programs
+        (1, 16, 128, 512, 132, (2, 8)),  # b1-t32k: 8 segments of 64 chunks
+        (1, 16, 128, 2048, 132, (2, 8)),  # b1-t128k
+        (1, 2, 128, 64, 132, (2, 32)),  # segments of 2 chunks: as short as two slots allow
+        (1, 2, 192, 64, 132, (1, 16)),  # Dv 192: one warpgroup; 6 items x 16 (not 21: it must divide 64)
+        (1, 2, 64, 5, 132, (1, 1)),  # fewer than 2 x 3 chunks: never segmented
     ],
 )
-def test_segment_rule(monkeypatch, items, chunks, sms, want):
+def test_plan(monkeypatch, B, H, Dv, chunks, sms, want):
     class Device:
         core_count = sms
 
     monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
-    P = mosaic_gpu._num_segments(items, chunks)
-    assert P == want
-    assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES and items * P <= sms
+    NW, P = mosaic_gpu._plan(B, H, Dv, chunks)
+    assert (NW, P) == want
+    items = B * H * Dv // (mosaic_gpu.BV * NW)
+    assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES[NW] and (P == 1 or items * P <= sms)
 
 
 def _hopper():
@@ -54,11 +57,13 @@ def _hopper():
 
 
 FORWARD_CASES = [
-    Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # one segment
-    Case(B=1, T=4096, H=2, Dk=128, dtype=BF16),  # few pairs: 16 segments of 4 chunks
-    Case(B=1, T=1024, H=8, Hkv=2, Dk=128, dtype=BF16),  # GQA
-    Case(B=2, T=256, H=2, Dk=128, Dv=192, dtype=BF16),  # three Dv blocks
-    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),
+    Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # two warpgroups, 4 segments
+    Case(B=1, T=4096, H=2, Dk=128, dtype=BF16),  # two warpgroups, 32 segments of 2 chunks
+    Case(B=1, T=1024, H=8, Hkv=2, Dk=128, dtype=BF16),  # GQA; two warpgroups, 8 segments
+    Case(B=2, T=256, H=2, Dk=128, Dv=192, dtype=BF16),  # three Dv blocks: one warpgroup
+    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # two warpgroups, 5 segments
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-warpgroup programs: one, unsegmented
+    Case(B=1, T=256, H=66, Dk=128, Dv=256, dtype=BF16),  # two warpgroups x 2 programs per pair
 ]
 
 
@@ -131,8 +136,8 @@ def test_nonfinite_is_causal():
     # A bad k_j or v_j reaches outputs p >= j of its sequence and kv head's query heads, nothing before:
     # the Mosaic walk alone would spread a bad v_j to the whole chunk; the exact relaunch must undo that.
     _hopper()
-    case = Case(B=3, T=2048, H=4, Hkv=2, Dk=128, dtype=BF16)  # 12 pairs x 2 Dv blocks: 4 segments
-    assert mosaic_gpu._num_segments(case.B * case.H * 2, case.T // 64) > 1
+    case = Case(B=3, T=2048, H=4, Hkv=2, Dk=128, dtype=BF16)  # 12 pairs: two warpgroups, 8 segments
+    assert mosaic_gpu._plan(case.B, case.H, 128, case.T // 64)[1] > 1
     x = make_inputs(case, 9, with_state=True)
     y = dict(x)
     for b, t, kv, name, value in BAD:

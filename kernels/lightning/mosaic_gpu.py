@@ -5,14 +5,16 @@ Same chunked form as triton.py (chunks of C = 64 tokens, lam = exp(-s_h)):
     o_i   = scale * (sum_{j<=i} lam^(i-j) (q_i . k_j) v_j  +  lam^(i+1) q_i S_in)
     S_out = lam^C S_in + sum_j lam^(C-1-j) k_j^T v_j
 
-One program (a CUDA block of two warpgroups) owns one (sequence, head, segment, block of 64 Dv
-columns). Its memory warpgroup streams the q, k, v chunks of the segment into a ring of `STAGES`
-shared-memory slots by TMA, a slot refilled as soon as the compute warpgroup has released it. The
-compute warpgroup walks the chunks with the float32 state S [Dk, 64] as a wgmma accumulator in
-registers and a bf16 copy of it in shared memory (the operand of q S_in). Per chunk all of its dots are
-in flight at once: the update k^T (lam^(C-1-j) v_j), accumulated in place onto lam^C S; q k^T; q S_in;
-then P v onto lam^(i+1) q S_in as soon as q k^T is back. The Triton walk (triton.py) waits for each dot
-in turn; this is what makes the Mosaic walk faster at Dk = 128 (benchmarks/RESULTS_mosaic_gpu.md).
+One program (a CUDA block) owns one (sequence, head, segment) and NW blocks of 64 Dv columns, one per
+compute warpgroup (NW = 1 or 2, _plan). Its memory warpgroup streams the segment's q, k, v chunks into
+a ring of shared-memory slots by TMA (q and k once for both compute warpgroups), a slot refilled as
+soon as every compute warpgroup has released it. A compute warpgroup walks the chunks with its float32
+state block S [Dk, 64] as a wgmma accumulator in registers and a bf16 copy of it in shared memory (the
+operand of q S_in). Per chunk all of its dots are in flight at once: the update k^T (lam^(C-1-j) v_j),
+accumulated in place onto lam^C S; q k^T; q S_in; then P v onto lam^(i+1) q S_in as soon as q k^T is
+back. The Triton walk (triton.py) waits for each dot in turn, one walk per SM; here one walk's loads
+overlap its dots, and with NW = 2 the SM has a second walk to run while one waits: that is what makes
+the Mosaic walk faster at Dk = 128 (benchmarks/RESULTS_mosaic_gpu.md).
 
 Few (sequence, head) pairs are cut into P segments as in triton.py: Triton's states-only first pass
 gives each segment's local state, a P-step scan in JAX the state entering each, and the Mosaic walk
@@ -45,7 +47,9 @@ from shardattn.kernels.lightning.varying import match_varying
 
 CHUNK = 64
 BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per thread at Dk = 128
-STAGES = 3  # shared-memory slots of q, k, v chunks (2: 0.22 ms, 3: 0.20 ms on b4-t8k, H200)
+# shared-memory slots of q, k, v chunks, by compute warpgroups per program (one: 2 slots 0.22 ms, 3 slots
+# 0.20 ms on b4-t8k, H200; two: 3 slots would not fit in shared memory)
+STAGES = {1: 3, 2: 2}
 COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the memory one keeps 40
 LOG2E = 1.4426950408889634
 DEFAULT_SMS = 132  # H100 SXM / H200; the device's own count is used when JAX reports it
@@ -81,34 +85,48 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
                                   f"measured faster), got Dk={Dk}")
     if Dv % BV:
         raise NotImplementedError(f"the mosaic_gpu backend needs Dv a multiple of {BV}, got Dv={Dv}")
-    if T % CHUNK or T < STAGES * CHUNK:
+    if T % CHUNK or T < STAGES[1] * CHUNK:
         raise NotImplementedError(f"the mosaic_gpu backend needs T a multiple of {CHUNK} and at least "
-                                  f"{STAGES * CHUNK}, got T={T}")
+                                  f"{STAGES[1] * CHUNK}, got T={T}")
     if cu_seqlens is not None:
         raise NotImplementedError("the mosaic_gpu backend does not take cu_seqlens (packed sequences)")
     if reverse:
         raise NotImplementedError("the mosaic_gpu backend does not take reverse=True")
 
 
-def _num_segments(num_items, num_chunks):
-    """Segments per sequence: the most, dividing the chunks evenly (every segment at least STAGES
-    chunks), that keep the programs within one per SM. Measured on b1-t32k (32 items of 512 chunks):
-    4 segments 0.32 ms, 8 segments 0.34 ms; the walk holds one program per SM."""
+def _plan(B, H, DV, num_chunks):
+    """(compute warpgroups per program, segments per sequence) for B x H sequences of num_chunks chunks.
+
+    A program with two compute warpgroups walks two Dv blocks of one (sequence, head, segment), sharing
+    its q and k slots: the SM then has a second walk to run while one waits, and reads q, k once. That
+    needs enough programs to fill the GPU, from (sequence, head) pairs or from segments (whose first pass
+    costs one more read of k, v). Measured on an H200 (benchmarks/RESULTS_mosaic_gpu.md), forward ms:
+    b2-t16k (128 pairs, Dv 128) 0.61 with two warpgroups against 0.80 with one; b1-t32k 0.29 (two, 8
+    segments) against 0.32 (one, 4 segments); b1-t128k 1.01 against 1.13; but b4-t8k (64 pairs, whose
+    128 one-warpgroup programs fill the GPU unsegmented) 0.20 with one against 0.28 with two and 2
+    segments. So: one warpgroup where its programs fill 7/8 of the SMs in one wave without segments,
+    else two (when Dv is a multiple of 128) with the most segments that keep one wave.
+    """
     sms = getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
+    one = B * H * (DV // BV)
+    nw = 2 if DV % (2 * BV) == 0 and not (sms * 7 // 8 <= one <= sms) else 1
+    items = B * H * (DV // (BV * nw))
     best = 1
-    for p in range(1, num_chunks // STAGES + 1):
-        if num_chunks % p == 0 and num_items * p <= sms:
+    for p in range(1, num_chunks // STAGES[nw] + 1):
+        if num_chunks % p == 0 and items * p <= sms:
             best = p
-    return best
+    return nw, best
 
 
-def _walk(q, k, v, slopes, s0, *, scale, P):
+def _walk(q, k, v, slopes, s0, *, scale, P, NW):
     """The Mosaic walk: o [B, T, H, Dv] and every segment's final state [B, H, P, Dk, Dv] float32;
-    segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None)."""
+    segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None). A program has NW compute
+    warpgroups (one per Dv block of 64, sharing the q and k slots) and one memory warpgroup."""
     pl, plgpu = _plgpu()
     B, T, H, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
-    C, NV, G = CHUNK, DV // BV, H // HKV
+    C, G, stages = CHUNK, H // HKV, STAGES[NW]
+    NV = DV // (BV * NW)  # programs per (sequence, head, segment)
     NC = T // (C * P)  # chunks per segment
     dtype, f32 = q.dtype, jnp.float32
     wgmma = plgpu.Layout.WGMMA
@@ -127,18 +145,23 @@ def _walk(q, k, v, slopes, s0, *, scale, P):
             return plgpu.load(ref, (), layout=layout, optimized=False)
 
     def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, scoped):
-        (q_s, k_s, v_s, s_s, vd_s, o_s, f_s), (qb, kb, vb), freed = scoped
+        (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed = scoped
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
-        vs = lax.axis_index("vs")  # (segment, Dv block), Dv blocks fastest
+        vs = lax.axis_index("vs")  # (segment, group of NW Dv blocks), Dv fastest
         seg, iv = lax.div(vs, jnp.array(NV, vs.dtype)), lax.rem(vs, jnp.array(NV, vs.dtype))
         hk = lax.div(h, jnp.array(G, h.dtype))
-        vcols = pl.ds(iv * BV, BV)
         c0 = seg * NC  # first chunk of this program's segment
         wg = lax.axis_index("wg")
 
-        @pl.when(wg == 0)
+        def dv_block(w):
+            return pl.ds((iv * NW + w) * BV, BV)
+
+        @pl.when(wg < NW)
         def _compute():
+            vcols = dv_block(wg)
+            # this warpgroup's own buffers (q and k slots are shared)
+            v_w, vb_w, s_w, vd_w, o_w = v_s.at[wg], vb.at[wg], s_s.at[wg], vd_s.at[wg], o_s.at[wg]
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
             neg = -sl_ref[h] * LOG2E  # log2(lam)
             rows = iota((C, C), 0, wgmma)
@@ -155,13 +178,13 @@ def _walk(q, k, v, slopes, s0, *, scale, P):
                 S = plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
             else:
                 S = load(s0_ref.at[b, h, seg, :, vcols], wgmma)
-            s_s[...] = S.astype(dtype)
+            s_w[...] = S.astype(dtype)
             plgpu.commit_smem()
 
             def step(c, S):
-                slot = lax.rem(c, STAGES)
-                plgpu.barrier_wait(vb.at[slot])
-                vd_s[...] = (v_s.at[slot][...].astype(f32) * k_decay).astype(dtype)
+                slot = lax.rem(c, stages)
+                plgpu.barrier_wait(vb_w.at[slot])
+                vd_w[...] = (v_w.at[slot][...].astype(f32) * k_decay).astype(dtype)
                 plgpu.commit_smem()
                 plgpu.barrier_wait(qb.at[slot])
                 plgpu.barrier_wait(kb.at[slot])
@@ -169,11 +192,11 @@ def _walk(q, k, v, slopes, s0, *, scale, P):
 
                 def dots(refs):
                     s_acc, o_acc = refs
-                    plgpu.wgmma(s_acc, kt, vd_s)  # S_out = lam^C S_in + k^T (decay v)
+                    plgpu.wgmma(s_acc, kt, vd_w)  # S_out = lam^C S_in + k^T (decay v)
 
                     def q_dots(qk_acc, qs_acc):
                         plgpu.wgmma(qk_acc, q_s.at[slot], kt)
-                        plgpu.wgmma(qs_acc, q_s.at[slot], s_s)
+                        plgpu.wgmma(qs_acc, q_s.at[slot], s_w)
                         qk = plgpu.wgmma_accumulator_load(qk_acc, wait_n=1)  # q S_in may still run
                         # the causal mask is selected, never multiplied: a non-finite q_i or k_j stays
                         # in the rows i' >= j
@@ -181,26 +204,24 @@ def _walk(q, k, v, slopes, s0, *, scale, P):
 
                     scores, qs = pl.run_scoped(q_dots, plgpu.ACC((C, C), f32), plgpu.ACC((C, BV), f32))
                     o_acc[...] = q_decay * qs
-                    plgpu.wgmma(o_acc, scores, v_s.at[slot])
+                    plgpu.wgmma(o_acc, scores, v_w.at[slot])
 
                 zeros = plgpu.layout_cast(jnp.zeros((C, BV), f32), wgmma)
                 S, o = pl.run_state(dots)((plgpu.ACC.init(lam_c * S), plgpu.ACC.init(zeros)))
                 plgpu.barrier_arrive(freed.at[slot])
                 ob = lax.rem(c, 2)
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from o_s[ob] two chunks ago
-                o_s.at[ob][...] = (o * scale).astype(dtype)
-                s_s[...] = S.astype(dtype)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from o_w[ob] two chunks ago
+                o_w.at[ob][...] = (o * scale).astype(dtype)
+                s_w[...] = S.astype(dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_s.at[ob], o_ref.at[b, pl.ds((c0 + c) * C, C), h, vcols])
+                plgpu.copy_smem_to_gmem(o_w.at[ob], o_ref.at[b, pl.ds((c0 + c) * C, C), h, vcols])
                 return S
 
             S = lax.fori_loop(0, NC, step, S)
-            f_s[...] = S
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(f_s, sf_ref.at[b, h, seg, :, vcols])
+            sf_ref.at[b, h, seg, :, vcols][...] = S  # from registers (no shared-memory buffer for it)
             plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 1)
+        @pl.when(wg == NW)
         def _memory():
             plgpu.set_max_registers(40, action="decrease")
 
@@ -208,42 +229,44 @@ def _walk(q, k, v, slopes, s0, *, scale, P):
                 rows_ = pl.ds((c0 + c) * C, C)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows_, h], q_s.at[slot], qb.at[slot])
                 plgpu.copy_gmem_to_smem(k_ref.at[b, rows_, hk], k_s.at[slot], kb.at[slot])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, rows_, hk, vcols], v_s.at[slot], vb.at[slot])
+                for w in range(NW):
+                    v_block = v_ref.at[b, rows_, hk, dv_block(w)]
+                    plgpu.copy_gmem_to_smem(v_block, v_s.at[w, slot], vb.at[w, slot])
 
-            for i in range(STAGES):
+            for i in range(stages):
                 issue(i, i)
 
-            @pl.loop(0, NC - STAGES)
+            @pl.loop(0, NC - stages)
             def _(c):
-                slot = lax.rem(c, STAGES)
-                plgpu.barrier_wait(freed.at[slot])
-                issue(c + STAGES, slot)
+                slot = lax.rem(c, stages)
+                plgpu.barrier_wait(freed.at[slot])  # every compute warpgroup is done with the slot
+                issue(c + stages, slot)
 
     def entry(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = [
-            plgpu.SMEM((STAGES, C, DK), dtype, transforms=tiled),  # q
-            plgpu.SMEM((STAGES, C, DK), dtype, transforms=tiled),  # k
-            plgpu.SMEM((STAGES, C, BV), dtype, transforms=tiled),  # v
-            plgpu.SMEM((DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
-            plgpu.SMEM((C, BV), dtype, transforms=tiled),  # lam^(C-1-j) v_j, for the update
-            plgpu.SMEM((2, C, BV), dtype, transforms=tiled),  # o, two chunks in flight to HBM
-            plgpu.SMEM((DK, BV), f32),  # the final state
+            plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # q
+            plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # k
+            plgpu.SMEM((NW, stages, C, BV), dtype, transforms=tiled),  # v, per compute warpgroup
+            plgpu.SMEM((NW, DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
+            plgpu.SMEM((NW, C, BV), dtype, transforms=tiled),  # lam^(C-1-j) v_j, for the update
+            plgpu.SMEM((NW, 2, C, BV), dtype, transforms=tiled),  # o, two chunks in flight to HBM
         ]
         pl.run_scoped(
             lambda *args: kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, args),
             smem,
-            (plgpu.Barrier(num_barriers=STAGES),) * 3,
-            plgpu.Barrier(num_arrivals=1, num_barriers=STAGES),
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
+             plgpu.Barrier(num_barriers=(NW, stages))),
+            plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
             collective_axes="wg",
-        )
+        )  # fmt: skip
 
     return plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((B, T, H, DV), dtype), jax.ShapeDtypeStruct((B, H, P, DK, DV), f32)),
         grid=(NV * P, H, B),
         grid_names=("vs", "heads", "batch"),
-        num_threads=2,
+        num_threads=NW + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
@@ -253,7 +276,7 @@ def _forward(q, k, v, slopes, s0, scale):
     """o [B, T, H, Dv] and the final state [B, H, Dk, Dv]: segment scan, Mosaic walk, exact relaunch."""
     B, T, H, DK = q.shape
     DV = v.shape[3]
-    P = _num_segments(B * H * (DV // BV), T // CHUNK)
+    NW, P = _plan(B, H, DV, T // CHUNK)
     if P > 1:
         # Triton's states-only first pass (k, v read once), then S_in(s) = lam^TSEG S_in(s-1) + S_loc(s-1)
         blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)
@@ -266,7 +289,7 @@ def _forward(q, k, v, slopes, s0, scale):
         s0_walk = jnp.stack(incoming, axis=2)
     else:
         s0_walk = None if s0 is None else s0[:, :, None]
-    o, states = _walk(q, k, v, slopes, s0_walk, scale=scale, P=P)
+    o, states = _walk(q, k, v, slopes, s0_walk, scale=scale, P=P, NW=NW)
     o, states = (match_varying(x, q, k, v) for x in (o, states))
     flags = jnp.any(~jnp.isfinite(states), axis=(2, 3, 4)).astype(jnp.float32).reshape(B * H)
     o = triton.forward_where_flagged(flags, o, q, k, v, slopes, s0, scale=scale)
