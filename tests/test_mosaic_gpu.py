@@ -172,3 +172,24 @@ def test_nonfinite_is_causal():
     untouched = ~reach_state
     by_pair = lambda o: o.transpose(0, 2, 1, 3)[untouched]  # noqa: E731
     np.testing.assert_array_equal(by_pair(o_bad), by_pair(o_fin))
+
+
+@pytest.mark.gpu
+def test_declines_inside_shard_map():
+    # A Mosaic GPU kernel inside shard_map fails at run time on this stack ("NVSHMEM is not supported in
+    # XLA", H200, jax 0.11.2), so the backend declines there, and sharded_lightning's per-device calls,
+    # default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh: one GPU here).
+    _hopper()
+    from shardattn.meshes import make_mesh
+    from shardattn.sharded import sharded_lightning
+
+    mesh = make_mesh(data=1, seq=1, heads=1, devices=jax.devices()[:1])
+    x = make_inputs(Case(B=2, T=512, H=4, Dk=128, dtype=BF16), 10, with_state=True)
+    kw = dict(slopes=x["slopes"], initial_state=x["initial_state"], scale=0.3, return_state=True)
+    with pytest.raises(NotImplementedError, match="inside shard_map"):
+        sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation="mosaic_gpu", **kw)
+    want = sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation="triton", **kw)
+    for impl in (None, ("mosaic_gpu", "triton")):
+        got = sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation=impl, **kw)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
