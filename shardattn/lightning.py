@@ -200,8 +200,8 @@ def check_and_derive(
     )  # fmt: skip
 
 
-# JAX's words when jax.jvp / jax.jacfwd meet a jax.custom_vjp function (the Triton and Pallas kernels, and
-# sharded_lightning's sequence shards without cu_seqlens, have custom backward rules).
+# JAX's words when jax.jvp / jax.jacfwd meet a jax.custom_vjp function (the Triton, Mosaic GPU and Pallas
+# kernels, and sharded_lightning's sequence shards without cu_seqlens, have custom backward rules).
 _JAX_JVP_REFUSAL = "can't apply forward-mode autodiff"
 
 
@@ -301,5 +301,5 @@ def lightning_attention(
     except TypeError as err:
         if not is_forward_mode_refusal(err):
             raise
-        path = f"the Triton and Pallas kernels (this call: implementation={x.implementations})"
+        path = f"the Triton, Mosaic GPU and Pallas kernels (this call: implementation={x.implementations})"
         raise forward_mode_error("lightning_attention", path) from err

@@ -650,7 +650,8 @@ def sharded_lightning(
         if num_seq > 1 and not packed:
             path = f"sequence shards (mesh axis {axes.seq!r} of size {num_seq}) without cu_seqlens"
         else:
-            path = f"the Triton and Pallas kernels (this call: implementation={x.implementations})"
+            kernels = "the Triton, Mosaic GPU and Pallas kernels"
+            path = f"{kernels} (this call: implementation={x.implementations})"
         raise forward_mode_error("sharded_lightning", path) from err
     if not pad:
         return out

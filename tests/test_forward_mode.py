@@ -80,12 +80,13 @@ REFUSED = {
     "pallas-one-device": (
         shardattn.lightning_attention,
         {"implementation": "pallas"},
-        r"lightning_attention: forward-mode autodiff .* Triton and Pallas kernels .*'pallas'.*jax\.vjp",
+        r"lightning_attention: forward-mode autodiff .* Triton, Mosaic GPU and Pallas kernels .*'pallas'"
+        r".*jax\.vjp",
     ),
     "pallas-batch-shards": (
         sharded_lightning,
         {"mesh": make_mesh(data=2, seq=1, heads=1, devices=jax.devices()[:2]), "implementation": "pallas"},
-        r"sharded_lightning: forward-mode autodiff .* Triton and Pallas kernels",
+        r"sharded_lightning: forward-mode autodiff .* Triton, Mosaic GPU and Pallas kernels",
     ),
 }
 

@@ -50,6 +50,23 @@ def test_plan(monkeypatch, B, H, Dv, chunks, sms, want):
     assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES[NW] and (P == 1 or items * P <= sms)
 
 
+@pytest.mark.parametrize("nw,P,Dv,with_state", [(1, 1, 128, False), (2, 4, 128, True), (1, 2, 192, True)])
+def test_walk_lowers_for_cuda(nw, P, Dv, with_state):
+    # The Mosaic GPU lowering (layouts, transforms, shared-memory fit) on any machine with jaxlib's CUDA
+    # plugin installed, no GPU needed (a development check; CI has no plugin and skips it).
+    pytest.importorskip("jax_cuda12_plugin")
+    B, T, H, Dk = 1, 512, 2, 128
+    a, av = (jax.ShapeDtypeStruct((B, T, H, d), BF16) for d in (Dk, Dv))
+    s0 = jax.ShapeDtypeStruct((B, H, P, Dk, Dv), jnp.float32) if with_state else None
+
+    def walk(q, k, v, slopes, s0):
+        return mosaic_gpu._walk(q, k, v, slopes, s0, scale=0.1, P=P, NW=nw)
+
+    lowered = jax.jit(walk).trace(a, a, av, jax.ShapeDtypeStruct((H,), jnp.float32), s0)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
 def _hopper():
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     if jax.default_backend() != "gpu" or not capability.startswith("9"):
