@@ -45,7 +45,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from shardattn.kernels.lightning import triton
-from shardattn.kernels.lightning.varying import match_varying
 
 CHUNK = 64
 BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per thread at Dk = 128
@@ -284,20 +283,13 @@ def _forward(q, k, v, slopes, s0, scale):
     B, T, H, DK = q.shape
     DV = v.shape[3]
     NW, P = _plan(B, H, DV, T // CHUNK)
-    if P > 1:
-        # Triton's states-only first pass (k, v read once), then S_in(s) = lam^TSEG S_in(s-1) + S_loc(s-1)
+    if P > 1:  # Triton's segment scan (its states-only first pass reads k, v once)
         blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)
-        s_loc = triton._segment_states(k, v, slopes, False, blocks, P, T // P,
-                                       min(blocks.fwd_bv, triton._pow2(DV)))  # fmt: skip
-        lam_seg = jnp.exp(-slopes * float(T // P))[None, :, None, None]
-        incoming = [jnp.zeros((B, H, DK, DV), jnp.float32) if s0 is None else s0]
-        for seg in range(1, P):
-            incoming.append(lam_seg * incoming[-1] + s_loc[:, :, seg - 1])
-        s0_walk = jnp.stack(incoming, axis=2)
+        BV_first = min(blocks.fwd_bv, triton._pow2(DV))
+        s0_walk = triton.segment_incoming(k, v, slopes, s0, False, blocks, P, T // P, BV_first)
     else:
         s0_walk = None if s0 is None else s0[:, :, None]
     o, states = _walk(q, k, v, slopes, s0_walk, scale=scale, P=P, NW=NW)
-    o, states = (match_varying(x, q, k, v) for x in (o, states))
     flags = jnp.any(~jnp.isfinite(states), axis=(2, 3, 4)).astype(jnp.float32).reshape(B * H)
     o = triton.forward_where_flagged(flags, o, q, k, v, slopes, s0, scale=scale)
     return o, states[:, :, -1]
@@ -320,7 +312,6 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     _check_supported(q, k, v, cu_seqlens, reverse)
     triton._check_supported(q, k, v)  # the first pass, the exact relaunch and the gradients are Triton's
     opts = triton.Options(scale=float(scale), reverse=False)
-    slopes = match_varying(slopes.astype(jnp.float32), q)
-    if initial_state is not None:
-        initial_state = match_varying(initial_state.astype(jnp.float32), q)
-    return _lightning(q, k, v, slopes, initial_state, None, opts)
+    # (Never inside shard_map, see _check_supported: no varying-axes casts, unlike triton.py.)
+    initial_state = None if initial_state is None else initial_state.astype(jnp.float32)
+    return _lightning(q, k, v, slopes.astype(jnp.float32), initial_state, None, opts)

@@ -679,14 +679,7 @@ def _forward_pass(q, k, v, slopes, s0, cu_seqlens, *, scale, reverse, store_stat
     )
     state_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
     if P > 1:
-        # Segment scan: local final states of every segment from zero (k, v only), then
-        # S_in(s) = lam^len(s-1) S_in(s-1) + S_loc(s-1) over the few segments, in plain JAX.
-        s_loc = _segment_states(k, v, slopes, bool(reverse), blocks, P, TSEG, BV)
-        lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]  # every segment but the last is full
-        incoming = [jnp.zeros((N, H, DK, DV), jnp.float32) if s0 is None else s0]
-        for seg in range(1, P):
-            incoming.append(lam_seg * incoming[-1] + s_loc[:, :, seg - 1])
-        s0_arg, has_s0 = jnp.stack(incoming, axis=2), True
+        s0_arg, has_s0 = segment_incoming(k, v, slopes, s0, bool(reverse), blocks, P, TSEG, BV), True
     else:
         has_s0 = s0 is not None
         s0_arg = s0[:, :, None] if has_s0 else dummy
@@ -1022,6 +1015,21 @@ def _local_state(k, v, slopes, reverse, blocks):
         return s_seg[:, :, 0]
     after = [T - min((s + 1) * TSEG, T) for s in range(P)]  # tokens processed after segment s (last: 0)
     return jnp.sum(_segment_weights(slopes, after) * s_seg, axis=2)
+
+
+def segment_incoming(k, v, slopes, s0, reverse, blocks, P, TSEG, BV):
+    """The state entering each of the P segments of TSEG tokens: [B, H, P, Dk, Dv] float32 (s0 or zeros
+    enters the first). The segment scan: local final states of every segment from zero (k, v only,
+    _segment_states), then S_in(s) = lam^TSEG S_in(s-1) + S_loc(s-1) over the few segments, in plain
+    JAX (every segment but the last is full). Also the first pass of mosaic_gpu.py's segmented walk."""
+    B, _, _, DK = k.shape
+    H, DV = slopes.shape[0], v.shape[3]
+    s_loc = _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV)
+    lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]
+    incoming = [jnp.zeros((B, H, DK, DV), jnp.float32) if s0 is None else s0]
+    for seg in range(1, P):
+        incoming.append(lam_seg * incoming[-1] + s_loc[:, :, seg - 1])
+    return jnp.stack(incoming, axis=2)
 
 
 def _segment_states(k, v, slopes, reverse, blocks, P, TSEG, BV):
