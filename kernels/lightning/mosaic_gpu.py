@@ -49,7 +49,7 @@ from shardattn.kernels.lightning import triton
 CHUNK = 64
 BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per thread at Dk = 128
 # shared-memory slots of q, k, v chunks, by compute warpgroups per program (one: 2 slots 0.22 ms, 3 slots
-# 0.20 ms on b4-t8k, H200; two: 3 slots would not fit in shared memory)
+# 0.20 ms on b4-t8k, H200, copy 3804 GB/s; two: 3 slots would not fit in shared memory)
 STAGES = {1: 3, 2: 2}
 COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the memory one keeps 40
 LOG2E = 1.4426950408889634
@@ -106,7 +106,8 @@ def _plan(B, H, DV, num_chunks):
     A program with two compute warpgroups walks two Dv blocks of one (sequence, head, segment), sharing
     its q and k slots: the SM then has a second walk to run while one waits, and reads q, k once. That
     needs enough programs to fill the GPU, from (sequence, head) pairs or from segments (whose first pass
-    costs one more read of k, v). Measured on an H200 (benchmarks/RESULTS_mosaic_gpu.md), forward ms:
+    costs one more read of k, v). Measured on an H200, copy 3797 GB/s (benchmarks/RESULTS_mosaic_gpu.md,
+    step 4), forward ms:
     b2-t16k (128 pairs, Dv 128) 0.61 with two warpgroups against 0.80 with one; b1-t32k 0.29 (two, 8
     segments) against 0.32 (one, 4 segments); b1-t128k 1.01 against 1.13; but b4-t8k (64 pairs, whose
     128 one-warpgroup programs fill the GPU unsegmented) 0.20 with one against 0.28 with two and 2
