@@ -2,12 +2,13 @@
 
     python benchmarks/lightning_mosaic_gpu.py --out benchmarks/results/h200_lightning_mosaic_gpu_DATE.json
 
-Times the undifferentiated forward (the only call the Mosaic walk serves; gradients are Triton's in
-both) of `implementation="mosaic_gpu"` and `"triton"`, and the Mosaic forward without its exact
-relaunch for non-finite inputs (what that launch costs on finite inputs), in interleaved rounds
-(medians of wall time of back-to-back jitted calls: one executable each, so GPU time). Prints each
-against Triton and against the forward's HBM floor (q, k, v read once, o written once, at the copy
-bandwidth measured in the same run).
+Times the undifferentiated forward of `implementation="mosaic_gpu"` and `"triton"`, and the Mosaic
+forward without its exact relaunch for non-finite inputs (what that launch costs on finite inputs), in
+interleaved rounds (medians of wall time of back-to-back jitted calls: one executable each, so GPU
+time). Prints each against Triton and against the forward's HBM floor (q, k, v read once, o written
+once, at the copy bandwidth measured in the same run). Then forward+backward (jax.vjp) of both, also
+interleaved: the backward is Triton's in both, the forward that stores S_in of every chunk for it is the
+Mosaic walk's in the first (bf16).
 """
 
 import argparse
@@ -18,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import add_run_arguments, copy_bandwidth_gbs, environment, time_call  # noqa: E402
+from timing import add_run_arguments, copy_bandwidth_gbs, environment, fwd_and_fwd_bwd, time_call  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 LAYER_IDX, NUM_LAYERS = 2, 8
@@ -66,12 +67,26 @@ def main(argv=None):
             for n, f in fns.items():
                 samples[n].append(time_call(f, q, k, v, warmup=1, repeats=1, inner=args.inner))
         ms = {n: statistics.median(s) for n, s in samples.items()}
+        do = jax.random.normal(jax.random.PRNGKey(1), q.shape[:3] + (w.D,), jnp.float32).astype(w.dtype)
+        grads = {n: fwd_and_fwd_bwd(lambda *qkv, n=n, slopes=slopes: shardattn.lightning_attention(
+            *qkv, slopes=slopes, implementation=n))[1] for n in ("triton", "mosaic_gpu")}  # fmt: skip
+        for f in grads.values():
+            time_call(f, q, k, v, do, warmup=args.warmup, repeats=1)
+        gsamples = {n: [] for n in grads}
+        for _ in range(args.rounds):
+            for n, f in grads.items():
+                gsamples[n].append(time_call(f, q, k, v, do, warmup=1, repeats=1, inner=args.inner))
+        fwd_bwd_ms = {n: statistics.median(s) for n, s in gsamples.items()}
+        gdiff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
+                    for a, b in zip(jax.tree.leaves(grads["mosaic_gpu"](q, k, v, do)),
+                                    jax.tree.leaves(grads["triton"](q, k, v, do)), strict=True))  # fmt: skip
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
         NW, P = mosaic_gpu._plan(w.B, w.H, w.D, w.T // mosaic_gpu.CHUNK)
         diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
                                      - fns["triton"](q, k, v).astype(jnp.float32))))  # fmt: skip
-        rows.append(dict(workload=name, ms=ms, floor_ms=floor, segments=P, compute_warpgroups=NW,
-                         max_abs_diff_vs_triton=diff))  # fmt: skip
+        rows.append(dict(workload=name, ms=ms, fwd_bwd_ms=fwd_bwd_ms, floor_ms=floor, segments=P,
+                         compute_warpgroups=NW, max_abs_diff_vs_triton=diff,
+                         fwd_bwd_max_abs_diff_vs_triton=gdiff))  # fmt: skip
     print(f"{environment()['device']}, copy {bw:.0f} GB/s; forward ms (÷ triton, ÷ HBM floor)")
     for r in rows:
         t = r["ms"]["triton"]
@@ -79,6 +94,12 @@ def main(argv=None):
         plan = f"NW={r['compute_warpgroups']} P={r['segments']:<2d}"
         print(f"{r['workload']:18s} {plan} floor {r['floor_ms']:.3f}  {cells}  "
               f"max|mosaic-triton| {r['max_abs_diff_vs_triton']:.3g}")  # fmt: skip
+    print("forward+backward ms (÷ triton)")
+    for r in rows:
+        t = r["fwd_bwd_ms"]["triton"]
+        cells = "  ".join(f"{n} {m:.3f} ({m / t:.2f})" for n, m in r["fwd_bwd_ms"].items())
+        print(f"{r['workload']:18s} {cells}  max|mosaic-triton| (o, dq, dk, dv) "
+              f"{r['fwd_bwd_max_abs_diff_vs_triton']:.3g}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**environment(), "copy_bandwidth_gbs": bw, "rows": rows}, fh, indent=1)

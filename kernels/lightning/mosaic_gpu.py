@@ -21,9 +21,9 @@ gives each segment's local state, a P-step scan in JAX the state entering each, 
 runs every segment from its own.
 
 What this file does not do itself:
-  * Gradients. Under differentiation the Triton backend's forward (which also stores S_in of every
-    chunk) and its backward run (custom_vjp rules of triton.py); only undifferentiated calls, inference
-    and prefill, take the Mosaic walk.
+  * The backward. Under differentiation (bf16) the walk also stores S_in of every chunk, and the
+    Triton backend's chunk-parallel backward reads them (custom_vjp rules below); fp16 takes Triton's
+    forward there too, since Triton keeps fp16's chunk states in float32.
   * The non-finite rule inside a chunk (README, "Non-finite values"): a non-finite v_j reaches
     outputs i < j of its chunk in P v (0 * NaN). A non-finite k or v also reaches the final state and
     stays there, so every (sequence, head) pair whose final state is not finite is recomputed by the
@@ -125,16 +125,21 @@ def _plan(B, H, DV, num_chunks):
     return nw, best
 
 
-def _walk(q, k, v, slopes, s0, *, scale, P, NW):
+def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     """The Mosaic walk: o [B, T, H, Dv] and every segment's final state [B, H, P, Dk, Dv] float32;
     segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None). A program has NW compute
-    warpgroups (one per Dv block of 64, sharing the q and k slots) and one memory warpgroup."""
+    warpgroups (one per Dv block of 64, sharing the q and k slots) and one memory warpgroup.
+    store_states: also S_in of every chunk, [H, B * T // C, Dk, Dv] in the input dtype (the layout of
+    triton.py's chunk states, which its chunk-parallel backward reads), stored by TMA from the
+    shared-memory copy of S that q S_in reads anyway (two of them then, one refilled while the other's
+    store is in flight)."""
     pl, plgpu = _plgpu()
     B, T, H, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     C, G, stages = CHUNK, H // HKV, STAGES[NW]
     NV = DV // (BV * NW)  # programs per (sequence, head, segment)
     NC = T // (C * P)  # chunks per segment
+    NS = 2 if store_states else 1  # shared-memory copies of S per compute warpgroup
     dtype, f32 = q.dtype, jnp.float32
     wgmma = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)
@@ -151,7 +156,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
         except TypeError:
             return plgpu.load(ref, (), layout=layout, optimized=False)
 
-    def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, scoped):
+    def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, scoped):
         (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed = scoped
         b = lax.axis_index("batch")
         h = lax.axis_index("heads")
@@ -185,11 +190,17 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
                 S = plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
             else:
                 S = load(s0_ref.at[b, h, seg, :, vcols], wgmma)
-            s_w[...] = S.astype(dtype)
+            def store_state(c, sb):  # S_in of chunk c (of the segment) from s_w[sb] to HBM
+                if store_states:
+                    plgpu.copy_smem_to_gmem(s_w.at[sb], st_ref.at[h, b * (T // C) + c0 + c, :, vcols])
+
+            s_w.at[0][...] = S.astype(dtype)
             plgpu.commit_smem()
+            store_state(0, 0)
 
             def step(c, S):
                 slot = lax.rem(c, stages)
+                sb = lax.rem(c, NS)  # s_w[sb] holds S_in of this chunk
                 plgpu.barrier_wait(vb_w.at[slot])
                 vd_w[...] = (v_w.at[slot][...].astype(f32) * k_decay).astype(dtype)
                 plgpu.commit_smem()
@@ -203,7 +214,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
 
                     def q_dots(qk_acc, qs_acc):
                         plgpu.wgmma(qk_acc, q_s.at[slot], kt)
-                        plgpu.wgmma(qs_acc, q_s.at[slot], s_w)
+                        plgpu.wgmma(qs_acc, q_s.at[slot], s_w.at[sb])
                         qk = plgpu.wgmma_accumulator_load(qk_acc, wait_n=1)  # q S_in may still run
                         # the causal mask is selected, never multiplied: a non-finite q_i or k_j stays
                         # in the rows i' >= j
@@ -216,12 +227,17 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
                 zeros = plgpu.layout_cast(jnp.zeros((C, BV), f32), wgmma)
                 S, o = pl.run_state(dots)((plgpu.ACC.init(lam_c * S), plgpu.ACC.init(zeros)))
                 plgpu.barrier_arrive(freed.at[slot])
-                ob = lax.rem(c, 2)
-                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from o_w[ob] two chunks ago
+                ob, nb = lax.rem(c, 2), lax.rem(c + 1, NS)
+                # Stores in flight, oldest first: ..., o(c - 2), [S_in(c - 1)], o(c - 1), [S_in(c)]. The
+                # ones from o_w[ob] (two chunks ago) and, storing states, from s_w[nb] (S_in(c - 1)) must
+                # have read their buffers.
+                plgpu.wait_smem_to_gmem(2 if store_states else 1, wait_read_only=True)
                 o_w.at[ob][...] = (o * scale).astype(dtype)
-                s_w[...] = S.astype(dtype)
+                s_w.at[nb][...] = S.astype(dtype)
                 plgpu.commit_smem()
                 plgpu.copy_smem_to_gmem(o_w.at[ob], o_ref.at[b, pl.ds((c0 + c) * C, C), h, vcols])
+                if store_states:  # S_in of the next chunk, if it is this segment's
+                    pl.when(c + 1 < NC)(lambda: store_state(c + 1, nb))
                 return S
 
             S = lax.fori_loop(0, NC, step, S)
@@ -249,18 +265,18 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
                 plgpu.barrier_wait(freed.at[slot])  # every compute warpgroup is done with the slot
                 issue(c + stages, slot)
 
-    def entry(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref):
+    def entry(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
         smem = [
             plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # q
             plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # k
             plgpu.SMEM((NW, stages, C, BV), dtype, transforms=tiled),  # v, per compute warpgroup
-            plgpu.SMEM((NW, DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
+            plgpu.SMEM((NW, NS, DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
             plgpu.SMEM((NW, C, BV), dtype, transforms=tiled),  # lam^(C-1-j) v_j, for the update
             plgpu.SMEM((NW, 2, C, BV), dtype, transforms=tiled),  # o, two chunks in flight to HBM
         ]
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, args),
+            lambda *args: kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, args),
             smem,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=(NW, stages))),
@@ -270,7 +286,8 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
 
     return plgpu.kernel(
         entry,
-        out_type=(jax.ShapeDtypeStruct((B, T, H, DV), dtype), jax.ShapeDtypeStruct((B, H, P, DK, DV), f32)),
+        out_type=(jax.ShapeDtypeStruct((B, T, H, DV), dtype), jax.ShapeDtypeStruct((B, H, P, DK, DV), f32),
+                  jax.ShapeDtypeStruct((H, B * T // C, DK, DV) if store_states else (1,), dtype)),
         grid=(NV * P, H, B),
         grid_names=("vs", "heads", "batch"),
         num_threads=NW + 1,
@@ -279,8 +296,9 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW):
     )(q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
 
 
-def _forward(q, k, v, slopes, s0, scale):
-    """o [B, T, H, Dv] and the final state [B, H, Dk, Dv]: segment scan, Mosaic walk, exact relaunch."""
+def _forward(q, k, v, slopes, s0, scale, store_states=False):
+    """o [B, T, H, Dv], the final state [B, H, Dk, Dv] and, storing states, S_in of every chunk
+    [H, B * T // C, Dk, Dv] in the input dtype (else None): segment scan, Mosaic walk, exact relaunch."""
     B, T, H, DK = q.shape
     DV = v.shape[3]
     NW, P = _plan(B, H, DV, T // CHUNK)
@@ -290,19 +308,34 @@ def _forward(q, k, v, slopes, s0, scale):
         s0_walk = triton.segment_incoming(k, v, slopes, s0, False, blocks, P, T // P, BV_first)
     else:
         s0_walk = None if s0 is None else s0[:, :, None]
-    o, states = _walk(q, k, v, slopes, s0_walk, scale=scale, P=P, NW=NW)
+    o, states, chunk_states = _walk(q, k, v, slopes, s0_walk, scale=scale, P=P, NW=NW,
+                                    store_states=store_states)
+    # Only o needs the relaunch: the state update has no mask, so a non-finite k or v reaches the same
+    # entries of every later state (and of S_in of every later chunk) here as in the Triton walk.
     flags = jnp.any(~jnp.isfinite(states), axis=(2, 3, 4)).astype(jnp.float32).reshape(B * H)
     o = triton.forward_where_flagged(flags, o, q, k, v, slopes, s0, scale=scale)
-    return o, states[:, :, -1]
+    return o, states[:, :, -1], (chunk_states if store_states else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _lightning(q, k, v, slopes, initial_state, cu_seqlens, opts):
-    return _forward(q, k, v, slopes, initial_state, opts.scale)
+    o, final, _ = _forward(q, k, v, slopes, initial_state, opts.scale)
+    return o, final
 
 
-# Under differentiation: the Triton backend's forward (it keeps S_in of every chunk) and backward.
-_lightning.defvjp(triton._lightning_fwd, triton._lightning_bwd)
+def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
+    # Under differentiation the walk also stores S_in of every chunk, as triton._lightning_fwd does, for
+    # the Triton backend's chunk-parallel backward. Triton keeps them in the input dtype only for bf16
+    # (float32 for fp16, which could overflow): fp16 takes Triton's forward here.
+    blocks = triton.BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
+    if not blocks.bwd_parallel or triton._state_dtype(q.dtype) != q.dtype:
+        return triton._lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)
+    o, final, states = _forward(q, k, v, slopes, initial_state, opts.scale, store_states=True)
+    return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
+
+
+# The backward is the Triton backend's (it reads the chunk states this forward stored).
+_lightning.defvjp(_lightning_fwd, triton._lightning_bwd)
 
 
 def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False):
