@@ -34,10 +34,34 @@ def main(argv=None):
     import jax.numpy as jnp
 
     import shardattn
-    from shardattn.kernels.lightning import mosaic_gpu
+    from shardattn.kernels.lightning import mosaic_gpu, triton
 
     def no_relaunch(flags, o, *a, **kw):
         return o
+
+    def part_fns(mod, w, slopes):
+        """A backend module's differentiated forward and G walk, jitted (q, k, v, dO, dL/dS_final)."""
+        opts = triton.Options(scale=w.D**-0.5, reverse=False)
+        blocks = triton.BlockSizes.get_default(w.D, w.D, w.dtype)
+
+        def fwd(q, k, v, do, dfinal):  # o, the final state and the chunk states (not q, k, v: copies)
+            (o, final), residuals = mod._lightning_fwd(q, k, v, slopes, None, None, opts)
+            return o, final, residuals[-1]
+
+        def g_walk(q, k, v, do, dfinal):
+            return mod._g_walk(opts, blocks, q, do, slopes, dfinal, None, triton._state_dtype(w.dtype))
+
+        return jax.jit(fwd), jax.jit(g_walk)
+
+    def interleaved(fns, inputs):
+        """Median ms per call of each function, timed in interleaved rounds after a warm-up of each."""
+        for f in fns.values():
+            time_call(f, *inputs, warmup=args.warmup, repeats=1)
+        samples = {n: [] for n in fns}
+        for _ in range(args.rounds):
+            for n, f in fns.items():
+                samples[n].append(time_call(f, *inputs, warmup=1, repeats=1, inner=args.inner))
+        return {n: statistics.median(x) for n, x in samples.items()}
 
     bw = copy_bandwidth_gbs()
     rows = []
@@ -55,37 +79,31 @@ def main(argv=None):
             return jax.jit(attn)
 
         fns = {"triton": fwd("triton"), "mosaic_gpu": fwd("mosaic_gpu")}
-        relaunch = mosaic_gpu.triton.forward_where_flagged
-        mosaic_gpu.triton.forward_where_flagged = no_relaunch  # traced now, inside the next warm-up
+        relaunch = triton.forward_where_flagged
+        triton.forward_where_flagged = no_relaunch  # traced now, inside the next warm-up
         fns["mosaic_gpu, no exact relaunch"] = fwd("mosaic_gpu")
         time_call(fns["mosaic_gpu, no exact relaunch"], q, k, v, warmup=1, repeats=1)
-        mosaic_gpu.triton.forward_where_flagged = relaunch
-        for f in fns.values():
-            time_call(f, q, k, v, warmup=args.warmup, repeats=1)
-        samples = {n: [] for n in fns}
-        for _ in range(args.rounds):
-            for n, f in fns.items():
-                samples[n].append(time_call(f, q, k, v, warmup=1, repeats=1, inner=args.inner))
-        ms = {n: statistics.median(s) for n, s in samples.items()}
+        triton.forward_where_flagged = relaunch
+        ms = interleaved(fns, (q, k, v))
         do = jax.random.normal(jax.random.PRNGKey(1), q.shape[:3] + (w.D,), jnp.float32).astype(w.dtype)
         grads = {n: fwd_and_fwd_bwd(lambda *qkv, n=n, slopes=slopes: shardattn.lightning_attention(
             *qkv, slopes=slopes, implementation=n))[1] for n in ("triton", "mosaic_gpu")}  # fmt: skip
-        for f in grads.values():
-            time_call(f, q, k, v, do, warmup=args.warmup, repeats=1)
-        gsamples = {n: [] for n in grads}
-        for _ in range(args.rounds):
-            for n, f in grads.items():
-                gsamples[n].append(time_call(f, q, k, v, do, warmup=1, repeats=1, inner=args.inner))
-        fwd_bwd_ms = {n: statistics.median(s) for n, s in gsamples.items()}
+        fwd_bwd_ms = interleaved(grads, (q, k, v, do))
         gdiff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                     for a, b in zip(jax.tree.leaves(grads["mosaic_gpu"](q, k, v, do)),
                                     jax.tree.leaves(grads["triton"](q, k, v, do)), strict=True))  # fmt: skip
+        # The parts that differ: the differentiated forward (it stores S_in of every chunk) and the G walk
+        parts = {}
+        for n, mod in (("triton", triton), ("mosaic_gpu", mosaic_gpu)):
+            parts[f"{n} fwd storing S_in"], parts[f"{n} G walk"] = part_fns(mod, w, slopes)
+        dfinal = jax.random.normal(jax.random.PRNGKey(2), (w.B, w.H, w.D, w.D), jnp.float32)
+        parts_ms = interleaved(parts, (q, k, v, do, dfinal))
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
         NW, P = mosaic_gpu._plan(w.B, w.H, w.D, w.T // mosaic_gpu.CHUNK)
         diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
                                      - fns["triton"](q, k, v).astype(jnp.float32))))  # fmt: skip
-        rows.append(dict(workload=name, ms=ms, fwd_bwd_ms=fwd_bwd_ms, floor_ms=floor, segments=P,
-                         compute_warpgroups=NW, max_abs_diff_vs_triton=diff,
+        rows.append(dict(workload=name, ms=ms, fwd_bwd_ms=fwd_bwd_ms, parts_ms=parts_ms, floor_ms=floor,
+                         segments=P, compute_warpgroups=NW, max_abs_diff_vs_triton=diff,
                          fwd_bwd_max_abs_diff_vs_triton=gdiff))  # fmt: skip
     print(f"{environment()['device']}, copy {bw:.0f} GB/s; forward ms (÷ triton, ÷ HBM floor)")
     for r in rows:
@@ -100,6 +118,13 @@ def main(argv=None):
         cells = "  ".join(f"{n} {m:.3f} ({m / t:.2f})" for n, m in r["fwd_bwd_ms"].items())
         print(f"{r['workload']:18s} {cells}  max|mosaic-triton| (o, dq, dk, dv) "
               f"{r['fwd_bwd_max_abs_diff_vs_triton']:.3g}")
+    print("parts, ms (mosaic ÷ triton)")
+    for r in rows:
+        m = r["parts_ms"]
+        cells = "  ".join(f"{part} {m['triton ' + part]:.3f} / {m['mosaic_gpu ' + part]:.3f} "
+                          f"({m['mosaic_gpu ' + part] / m['triton ' + part]:.2f})"
+                          for part in ("fwd storing S_in", "G walk"))  # fmt: skip
+        print(f"{r['workload']:18s} {cells}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**environment(), "copy_bandwidth_gbs": bw, "rows": rows}, fh, indent=1)

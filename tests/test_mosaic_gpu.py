@@ -69,6 +69,20 @@ def test_walk_lowers_for_cuda(nw, P, Dv, with_state, store):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("nw,P", [(1, 1), (2, 4)])
+def test_g_walk_lowers_for_cuda(nw, P):
+    pytest.importorskip("jax_cuda12_plugin")
+    B, T, H, D = 1, 512, 2, 128
+    a = jax.ShapeDtypeStruct((B, T, H, D), BF16)
+    g0 = jax.ShapeDtypeStruct((B, H, P, D, D), jnp.float32)
+
+    def walk(q, do, slopes, g0):
+        return mosaic_gpu._g_walk_kernel(q, do, slopes, g0, scale=0.1, P=P, NW=nw)
+
+    lowered = jax.jit(walk).trace(a, a, jax.ShapeDtypeStruct((H,), jnp.float32), g0)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
 def _hopper():
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     if jax.default_backend() != "gpu" or not capability.startswith("9"):
@@ -150,6 +164,38 @@ def test_chunk_states_match_triton(case, bad):
             finite &= np.isfinite(got)
         else:  # states: the same entries reached
             np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
+        assert_close(name, got[finite], want[finite], tolerance(case.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "nonfinite"])
+@pytest.mark.parametrize("case", GRAD_CASES[:2], ids=lambda c: c.id)
+def test_g_walk_matches_triton(case, bad):
+    # The backward's G of every chunk and d(initial_state), Mosaic's G walk against Triton's, including
+    # where a non-finite q or dO has reached them (the update has no mask: the same entries).
+    _hopper()
+    x = make_inputs(case, 11)
+    keys = jax.random.split(jax.random.PRNGKey(12), 2)
+    do = jax.random.normal(keys[0], x["q"].shape[:3] + (case.Dk,), jnp.float32).astype(case.dtype)
+    dfinal = jax.random.normal(keys[1], (case.B, case.H, case.Dk, case.Dk), jnp.float32)
+    q = x["q"]
+    if bad:
+        q = q.at[0, 300, 1, 7].set(np.nan)
+        do = do.at[0, 64, 0, 2].set(np.inf)
+    opts = triton.Options(scale=0.3, reverse=False)
+    blocks = triton.BlockSizes.get_default(case.Dk, case.Dk, case.dtype)
+    args = (q, do, x["slopes"], dfinal)
+
+    def walk(fn):
+        return jax.jit(lambda q, do, s, g: fn(opts, blocks, q, do, s, g, None, BF16))(*args)
+
+    for name, got, want in zip(("G", "d(initial_state)"), walk(mosaic_gpu._g_walk), walk(triton._g_walk),
+                               strict=True):
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert got.shape == want.shape, name
+        finite = np.isfinite(want)
+        assert finite.all() != bad, name
+        np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
         assert_close(name, got[finite], want[finite], tolerance(case.dtype))
 
 

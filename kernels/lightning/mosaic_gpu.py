@@ -125,6 +125,24 @@ def _plan(B, H, DV, num_chunks):
     return nw, best
 
 
+def _iota(shape, dim, layout):
+    _, plgpu = _plgpu()
+    return plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
+
+
+def _transposed(ref):
+    _, plgpu = _plgpu()
+    return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
+
+
+def _load(ref, layout):  # jax 0.10 takes the index positionally
+    _, plgpu = _plgpu()
+    try:
+        return plgpu.load(ref, layout=layout, optimized=False)
+    except TypeError:
+        return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
 def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     """The Mosaic walk: o [B, T, H, Dv] and every segment's final state [B, H, P, Dk, Dv] float32;
     segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None). A program has NW compute
@@ -143,18 +161,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     dtype, f32 = q.dtype, jnp.float32
     wgmma = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)
-
-    def iota(shape, dim, layout):
-        return plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
-
-    def transposed(ref):
-        return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
-
-    def load(ref, layout):  # jax 0.10 takes the index positionally
-        try:
-            return plgpu.load(ref, layout=layout, optimized=False)
-        except TypeError:
-            return plgpu.load(ref, (), layout=layout, optimized=False)
+    iota, transposed, load = _iota, _transposed, _load
 
     def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, scoped):
         (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed = scoped
@@ -296,6 +303,134 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     )(q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
 
 
+def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
+    """The backward's G chain, G_in = lam^C G_out + scale sum_i lam^(i+1) q_i^T dO_i, walked from the last
+    chunk of each segment to its first: G = dL/dS_out of every chunk [H, B * T // C, Dk, Dv] in the
+    input dtype (the layout of triton.py's, which its chunk kernel reads) and the G leaving each segment
+    at its first chunk [B, H, P, Dk, Dv] float32. Segment p starts from g0[:, :, p] at its end. The
+    forward walk's state update alone, in reverse chunk order, with dO for v, q for k and the decay
+    lam^(i+1) for lam^(C-1-j); a program as _walk's (NW compute warpgroups, one memory warpgroup)."""
+    pl, plgpu = _plgpu()
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    C, stages = CHUNK, STAGES[NW]
+    NV = DV // (BV * NW)
+    NC = T // (C * P)
+    dtype, f32 = q.dtype, jnp.float32
+    wgmma = plgpu.Layout.WGMMA
+    row = plgpu.Layout.WGMMA.reduce(1)
+
+    def kernel(q_ref, do_ref, sl_ref, g0_ref, gst_ref, gout_ref, scoped):
+        (q_s, do_s, dd_s, g_s), (qb, dob), freed = scoped
+        b = lax.axis_index("batch")
+        h = lax.axis_index("heads")
+        vs = lax.axis_index("vs")
+        seg, iv = lax.div(vs, jnp.array(NV, vs.dtype)), lax.rem(vs, jnp.array(NV, vs.dtype))
+        c0 = seg * NC
+        wg = lax.axis_index("wg")
+
+        def dv_block(w):
+            return pl.ds((iv * NW + w) * BV, BV)
+
+        def chunk(c):  # the chunk of the segment that step c walks: last first
+            return NC - 1 - c
+
+        @pl.when(wg < NW)
+        def _compute():
+            vcols = dv_block(wg)
+            do_w, dob_w, dd_w, g_w = do_s.at[wg], dob.at[wg], dd_s.at[wg], g_s.at[wg]
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+            neg = -sl_ref[h] * LOG2E
+            r = _iota((C,), 0, row).astype(f32)
+            q_decay = lax.broadcast_in_dim(jnp.exp2((r + 1.0) * neg) * scale, (C, BV), [0])  # scale lam^(i+1)
+            lam_c = jnp.exp2(neg * C)
+            G = _load(g0_ref.at[b, h, seg, :, vcols], wgmma)
+
+            def step(c, G):
+                slot, gb = lax.rem(c, stages), lax.rem(c, 2)
+                # G goes to HBM through shared memory and TMA: stored from registers, the walk ran 1.5-1.75x
+                # slower (H200, copy 3764 GB/s, benchmarks/RESULTS_mosaic_gpu.md)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from g_w[gb] two chunks ago
+                g_w.at[gb][...] = G.astype(dtype)
+                plgpu.barrier_wait(dob_w.at[slot])
+                dd_w[...] = (do_w.at[slot][...].astype(f32) * q_decay).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(g_w.at[gb], gst_ref.at[h, b * (T // C) + c0 + chunk(c), :, vcols])
+                plgpu.barrier_wait(qb.at[slot])
+
+                def update(acc):
+                    plgpu.wgmma(acc, _transposed(q_s.at[slot]), dd_w)
+
+                G = pl.run_state(update)(plgpu.ACC.init(lam_c * G))
+                plgpu.barrier_arrive(freed.at[slot])
+                return G
+
+            G = lax.fori_loop(0, NC, step, G)
+            gout_ref.at[b, h, seg, :, vcols][...] = G
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == NW)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def issue(c, slot):
+                rows_ = pl.ds((c0 + chunk(c)) * C, C)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows_, h], q_s.at[slot], qb.at[slot])
+                for w in range(NW):
+                    do_block = do_ref.at[b, rows_, h, dv_block(w)]
+                    plgpu.copy_gmem_to_smem(do_block, do_s.at[w, slot], dob.at[w, slot])
+
+            for i in range(stages):
+                issue(i, i)
+
+            @pl.loop(0, NC - stages)
+            def _(c):
+                slot = lax.rem(c, stages)
+                plgpu.barrier_wait(freed.at[slot])
+                issue(c + stages, slot)
+
+    def entry(q_ref, do_ref, sl_ref, g0_ref, gst_ref, gout_ref):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = [
+            plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # q
+            plgpu.SMEM((NW, stages, C, BV), dtype, transforms=tiled),  # dO, per compute warpgroup
+            plgpu.SMEM((NW, C, BV), dtype, transforms=tiled),  # scale lam^(i+1) dO_i, for the update
+            plgpu.SMEM((NW, 2, DK, BV), dtype, transforms=tiled),  # G, two chunks in flight to HBM
+        ]
+        pl.run_scoped(
+            lambda *args: kernel(q_ref, do_ref, sl_ref, g0_ref, gst_ref, gout_ref, args),
+            smem,
+            (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=(NW, stages))),
+            plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
+            collective_axes="wg",
+        )  # fmt: skip
+
+    return plgpu.kernel(
+        entry,
+        out_type=(jax.ShapeDtypeStruct((H, B * T // C, DK, DV), dtype),
+                  jax.ShapeDtypeStruct((B, H, P, DK, DV), f32)),
+        grid=(NV * P, H, B),
+        grid_names=("vs", "heads", "batch"),
+        num_threads=NW + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+    )(q, do, slopes, g0)
+
+
+def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
+    """triton._g_walk's results (G of every chunk, d(initial_state)) by the Mosaic G walk, segments as
+    the forward's (_plan; Triton's first pass and the scan in JAX give the G entering each)."""
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    NW, P = _plan(B, H, DV, T // CHUNK)
+    BK_first, _, BV_first, _, _, _ = triton._g_walk_blocks(B, H, T, DK, DV, blocks, split=True)
+    entering = triton.segment_entering_gradients(q, do, slopes, dfinal, opts, blocks, BK_first, BV_first, P,
+                                                 T // P)
+    g0 = entering if P > 1 else entering[:, :, None]
+    gstates, g_out = _g_walk_kernel(q, do, slopes, g0, scale=float(opts.scale), P=P, NW=NW)
+    return gstates.astype(state_dtype), g_out[:, :, 0]
+
+
 def _forward(q, k, v, slopes, s0, scale, store_states=False):
     """o [B, T, H, Dv], the final state [B, H, Dk, Dv] and, storing states, S_in of every chunk
     [H, B * T // C, Dk, Dv] in the input dtype (else None): segment scan, Mosaic walk, exact relaunch."""
@@ -334,8 +469,16 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
 
 
-# The backward is the Triton backend's (it reads the chunk states this forward stored).
-_lightning.defvjp(_lightning_fwd, triton._lightning_bwd)
+def _lightning_bwd(opts, residuals, cotangents):
+    # Triton's chunk-parallel backward with the Mosaic G walk where the chunk states are in the input
+    # dtype (bf16: the Mosaic forward stored them); else Triton's whole.
+    q = residuals[0]
+    if triton._state_dtype(q.dtype) != q.dtype:
+        return triton._lightning_bwd(opts, residuals, cotangents)
+    return triton._lightning_bwd(opts, residuals, cotangents, g_walk=_g_walk)
+
+
+_lightning.defvjp(_lightning_fwd, _lightning_bwd)
 
 
 def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *, scale, reverse=False):

@@ -772,18 +772,21 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
 
 
-def _lightning_bwd(opts, residuals, cotangents):
+def _lightning_bwd(opts, residuals, cotangents, g_walk=None):
+    """The backward rule. g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype): another
+    backend's G walk for the chunk-parallel backward, which returns what _g_walk does (mosaic_gpu.py)."""
     q, k, v, slopes, s0, cu_seqlens, states = residuals
     do, dfinal = cotangents
     blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
     do = do.astype(q.dtype)
     dfinal = dfinal.astype(jnp.float32)
     if blocks.bwd_parallel:
-        return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states)
+        return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states,
+                             g_walk=g_walk or _g_walk)
     return _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
 
 
-def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states):
+def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states, g_walk=None):
     """Backward as fla structures it: two light sequential chains (S_in and G of every chunk), then one
     kernel over all (chunk, head) pairs that does the matrix work. Chunk states are stored in the input
     dtype (bf16/fp16 products round them anyway), float32 for float32 inputs."""
@@ -798,7 +801,7 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
         _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
                                      store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
                                      state_dtype=state_dtype)
-    gstates, ds0 = _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype)
+    gstates, ds0 = (g_walk or _g_walk)(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype)
     if cu_seqlens is None:
         slot_seq = slot_chunk = jnp.zeros((1,), jnp.int32)
     else:
@@ -861,22 +864,29 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     )
     gstate_shape = jax.ShapeDtypeStruct((H, nc_total, DK, DV), state_dtype)
     gout_shape = jax.ShapeDtypeStruct((N, H, P, DK, DV), jnp.float32)
-    entering = dfinal
-    if P > 1:
-        # Every segment from zero (the launch state_gradient makes for these q, dO: XLA computes it once
-        # in a sequence shard's backward); the last one's G_out adds lam^(its length) dL/dS_final.
-        g_loc = _segment_gradients(q, do, slopes, float(opts.scale), bool(opts.reverse), blocks, BK, BV, P,
-                                   TSEG)
-        lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]
-        lam_last = jnp.exp(-slopes * float(T - (P - 1) * TSEG))[None, :, None, None]
-        # G entering segments P - 1, P - 2, ..., 0 at their ends
-        entering = [dfinal, lam_last * dfinal + g_loc[:, :, P - 1]]
-        for seg in range(P - 2, 0, -1):
-            entering.append(lam_seg * entering[-1] + g_loc[:, :, seg])
-        entering = jnp.stack(entering[::-1], axis=2)
+    entering = segment_entering_gradients(q, do, slopes, dfinal, opts, blocks, BK, BV, P, TSEG)
     gstates, g_out = walk((q, do, slopes, entering, cu, coff), (gstate_shape, gout_shape), SEG_G0=P > 1,
                           STORE_STATES=True)
     return gstates, g_out[:, :, 0]
+
+
+def segment_entering_gradients(q, do, slopes, dfinal, opts, blocks, BK, BV, P, TSEG):
+    """The G entering each of P segments at its end, [B, H, P, Dk, Dv] float32 (dfinal itself when
+    P == 1): the G walk's first pass (every segment from zero, _segment_gradients) and the scan over the
+    segments in JAX (_g_walk's docstring). Also mosaic_gpu.py's G walk's."""
+    if P == 1:
+        return dfinal
+    T = q.shape[1]
+    # Every segment from zero (the launch state_gradient makes for these q, dO: XLA computes it once in a
+    # sequence shard's backward); the last one's G_out adds lam^(its length) dL/dS_final.
+    g_loc = _segment_gradients(q, do, slopes, float(opts.scale), bool(opts.reverse), blocks, BK, BV, P, TSEG)
+    lam_seg = jnp.exp(-slopes * float(TSEG))[None, :, None, None]
+    lam_last = jnp.exp(-slopes * float(T - (P - 1) * TSEG))[None, :, None, None]
+    # G entering segments P - 1, P - 2, ..., 0 at their ends
+    entering = [dfinal, lam_last * dfinal + g_loc[:, :, P - 1]]
+    for seg in range(P - 2, 0, -1):
+        entering.append(lam_seg * entering[-1] + g_loc[:, :, seg])
+    return jnp.stack(entering[::-1], axis=2)
 
 
 def _g_walk_blocks(N, H, T, DK, DV, blocks, split):
