@@ -143,6 +143,21 @@ def _load(ref, layout):  # jax 0.10 takes the index positionally
         return plgpu.load(ref, (), layout=layout, optimized=False)
 
 
+def _stream(issue, freed, stages, num_chunks):
+    """The memory warpgroup's loop: issue(c, slot) copies the tiles of step c into a slot; steps 0 to
+    stages - 1 go at once, every later one as soon as each compute warpgroup has released its slot."""
+    pl, plgpu = _plgpu()
+    plgpu.set_max_registers(40, action="decrease")
+    for i in range(stages):
+        issue(i, i)
+
+    @pl.loop(0, num_chunks - stages)
+    def _(c):
+        slot = lax.rem(c, stages)
+        plgpu.barrier_wait(freed.at[slot])  # every compute warpgroup is done with the slot
+        issue(c + stages, slot)
+
+
 def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     """The Mosaic walk: o [B, T, H, Dv] and every segment's final state [B, H, P, Dk, Dv] float32;
     segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None). A program has NW compute
@@ -253,8 +268,6 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
 
         @pl.when(wg == NW)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
             def issue(c, slot):
                 rows_ = pl.ds((c0 + c) * C, C)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows_, h], q_s.at[slot], qb.at[slot])
@@ -263,14 +276,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
                     v_block = v_ref.at[b, rows_, hk, dv_block(w)]
                     plgpu.copy_gmem_to_smem(v_block, v_s.at[w, slot], vb.at[w, slot])
 
-            for i in range(stages):
-                issue(i, i)
-
-            @pl.loop(0, NC - stages)
-            def _(c):
-                slot = lax.rem(c, stages)
-                plgpu.barrier_wait(freed.at[slot])  # every compute warpgroup is done with the slot
-                issue(c + stages, slot)
+            _stream(issue, freed, stages, NC)
 
     def entry(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
@@ -371,8 +377,6 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
 
         @pl.when(wg == NW)
         def _memory():
-            plgpu.set_max_registers(40, action="decrease")
-
             def issue(c, slot):
                 rows_ = pl.ds((c0 + chunk(c)) * C, C)
                 plgpu.copy_gmem_to_smem(q_ref.at[b, rows_, h], q_s.at[slot], qb.at[slot])
@@ -380,14 +384,7 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
                     do_block = do_ref.at[b, rows_, h, dv_block(w)]
                     plgpu.copy_gmem_to_smem(do_block, do_s.at[w, slot], dob.at[w, slot])
 
-            for i in range(stages):
-                issue(i, i)
-
-            @pl.loop(0, NC - stages)
-            def _(c):
-                slot = lax.rem(c, stages)
-                plgpu.barrier_wait(freed.at[slot])
-                issue(c + stages, slot)
+            _stream(issue, freed, stages, NC)
 
     def entry(q_ref, do_ref, sl_ref, g0_ref, gst_ref, gout_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
