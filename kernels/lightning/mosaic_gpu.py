@@ -1,4 +1,5 @@
-"""Lightning attention's forward walk in Pallas on Mosaic GPU (Hopper), warp-specialised; the rest Triton's.
+"""Lightning attention's forward walk and the backward's G walk in Pallas on Mosaic GPU (Hopper),
+warp-specialised; the rest Triton's.
 
 Same chunked form as triton.py (chunks of C = 64 tokens, lam = exp(-s_h)):
 
@@ -21,9 +22,10 @@ gives each segment's local state, a P-step scan in JAX the state entering each, 
 runs every segment from its own.
 
 What this file does not do itself:
-  * The backward. Under differentiation (bf16) the walk also stores S_in of every chunk, and the
-    Triton backend's chunk-parallel backward reads them (custom_vjp rules below); fp16 takes Triton's
-    forward there too, since Triton keeps fp16's chunk states in float32.
+  * The backward's chunk-parallel kernel. Under differentiation (bf16) the walk also stores S_in of
+    every chunk, the G walk here (_g_walk_kernel: the state update alone, in reverse chunk order) gives
+    G = dL/dS_out of every chunk, and Triton's chunk kernel reads both (custom_vjp rules below). fp16
+    takes Triton's forward and G walk there, since Triton keeps fp16's chunk states in float32.
   * The non-finite rule inside a chunk (README, "Non-finite values"): a non-finite v_j reaches
     outputs i < j of its chunk in P v (0 * NaN). A non-finite k or v also reaches the final state and
     stays there, so every (sequence, head) pair whose final state is not finite is recomputed by the
