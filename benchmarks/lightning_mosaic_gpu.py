@@ -7,8 +7,8 @@ forward without its exact relaunch for non-finite inputs (what that launch costs
 interleaved rounds (medians of wall time of back-to-back jitted calls: one executable each, so GPU
 time). Prints each against Triton and against the forward's HBM floor (q, k, v read once, o written
 once, at the copy bandwidth measured in the same run). Then forward+backward (jax.vjp) of both, also
-interleaved: the backward is Triton's in both, the forward that stores S_in of every chunk for it is the
-Mosaic walk's in the first (bf16).
+interleaved (in bf16 mosaic_gpu's forward walk stores the chunk states, and its G walk and chunk kernel
+run the backward, with Triton's segment passes), and those three parts alone against Triton's.
 """
 
 import argparse
@@ -40,18 +40,22 @@ def main(argv=None):
         return o
 
     def part_fns(mod, w, slopes):
-        """A backend module's differentiated forward and G walk, jitted (q, k, v, dO, dL/dS_final)."""
+        """A backend module's differentiated forward, G walk and chunk kernel, jitted (q, k, v, dO,
+        dL/dS_final, S_in and G of every chunk)."""
         opts = triton.Options(scale=w.D**-0.5, reverse=False)
         blocks = triton.BlockSizes.get_default(w.D, w.D, w.dtype)
 
-        def fwd(q, k, v, do, dfinal):  # o, the final state and the chunk states (not q, k, v: copies)
+        def fwd(q, k, v, do, dfinal, states, gstates):  # o, final state, chunk states (not q, k, v: copies)
             (o, final), residuals = mod._lightning_fwd(q, k, v, slopes, None, None, opts)
             return o, final, residuals[-1]
 
-        def g_walk(q, k, v, do, dfinal):
-            return mod._g_walk(opts, blocks, q, do, slopes, dfinal, None, triton._state_dtype(w.dtype))
+        def g_walk(q, k, v, do, dfinal, states, gstates):
+            return mod._g_walk(opts, blocks, q, do, slopes, dfinal, None, triton._state_dtype(q.dtype))
 
-        return jax.jit(fwd), jax.jit(g_walk)
+        def chunks(q, k, v, do, dfinal, states, gstates):
+            return mod._chunks(opts, blocks, q, k, v, do, slopes, states, gstates, None)
+
+        return jax.jit(fwd), jax.jit(g_walk), jax.jit(chunks)
 
     def interleaved(fns, inputs):
         """Median ms per call of each function, timed in interleaved rounds after a warm-up of each."""
@@ -95,9 +99,12 @@ def main(argv=None):
         # The parts that differ: the differentiated forward (it stores S_in of every chunk) and the G walk
         parts = {}
         for n, mod in (("triton", triton), ("mosaic_gpu", mosaic_gpu)):
-            parts[f"{n} fwd storing S_in"], parts[f"{n} G walk"] = part_fns(mod, w, slopes)
+            parts[f"{n} fwd storing S_in"], parts[f"{n} G walk"], parts[f"{n} chunk kernel"] = part_fns(
+                mod, w, slopes)
         dfinal = jax.random.normal(jax.random.PRNGKey(2), (w.B, w.H, w.D, w.D), jnp.float32)
-        parts_ms = interleaved(parts, (q, k, v, do, dfinal))
+        states = parts["triton fwd storing S_in"](q, k, v, do, dfinal, None, None)[2]
+        gstates = parts["triton G walk"](q, k, v, do, dfinal, None, None)[0]
+        parts_ms = interleaved(parts, (q, k, v, do, dfinal, states, gstates))
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
         NW, P = mosaic_gpu._plan(w.B, w.H, w.D, w.T // mosaic_gpu.CHUNK)
         diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
@@ -123,7 +130,7 @@ def main(argv=None):
         m = r["parts_ms"]
         cells = "  ".join(f"{part} {m['triton ' + part]:.3f} / {m['mosaic_gpu ' + part]:.3f} "
                           f"({m['mosaic_gpu ' + part] / m['triton ' + part]:.2f})"
-                          for part in ("fwd storing S_in", "G walk"))  # fmt: skip
+                          for part in ("fwd storing S_in", "G walk", "chunk kernel"))  # fmt: skip
         print(f"{r['workload']:18s} {cells}")
     if args.out:
         with open(args.out, "w") as fh:

@@ -83,6 +83,77 @@ def test_g_walk_lowers_for_cuda(nw, P):
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("B,T,H,Hkv", [(1, 512, 2, 2), (2, 1024, 4, 2)])
+def test_chunk_kernel_lowers_for_cuda(B, T, H, Hkv):
+    pytest.importorskip("jax_cuda12_plugin")
+    a, kv = (jax.ShapeDtypeStruct((B, T, h, 128), BF16) for h in (H, Hkv))
+    st = jax.ShapeDtypeStruct((H, B * T // 64, 128, 128), BF16)
+
+    def chunks(q, k, v, do, slopes, st, gt):
+        return mosaic_gpu._chunk_kernel(q, k, v, do, slopes, st, gt, scale=0.1, num_programs=132)
+
+    lowered = jax.jit(chunks).trace(a, kv, kv, a, jax.ShapeDtypeStruct((H,), jnp.float32), st, st)
+    assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def _chunk_states(q, k, v, do, slopes, dfinal, scale):
+    """S_in and G = dL/dS_out of every chunk, [H, B * T // 64, Dk, Dv] float64, by their recurrences."""
+    q, k, v, do = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v, do))
+    B, T, H, D = q.shape
+    group, C, NC = H // k.shape[2], 64, T // 64
+    lam = np.exp(-np.asarray(slopes, np.float64))
+    i = np.arange(C)
+    S_in, G = np.zeros((2, H, B * NC, D, v.shape[3]))
+    for b in range(B):
+        for h in range(H):
+            S, Gc = np.zeros((D, v.shape[3])), np.asarray(dfinal[b, h], np.float64)
+            for c in range(NC):
+                rows = slice(c * C, (c + 1) * C)
+                S_in[h, b * NC + c] = S
+                kd = k[b, rows, h // group] * lam[h] ** (C - 1 - i)[:, None]
+                S = lam[h] ** C * S + kd.T @ v[b, rows, h // group]
+            for c in reversed(range(NC)):
+                rows = slice(c * C, (c + 1) * C)
+                G[h, b * NC + c] = Gc
+                qd = q[b, rows, h] * lam[h] ** (i + 1)[:, None]
+                Gc = lam[h] ** C * Gc + scale * qd.T @ do[b, rows, h]
+    return S_in, G
+
+
+def test_chunk_kernel_in_interpret_mode_matches_reference():
+    # The Mosaic backward's chunk kernel in Pallas's GPU interpret mode on CPU (its dots emulated with
+    # 16-bit operands and float32 accumulation; TMA, barriers, slots and the elementwise maths as written),
+    # given exact S_in and G, against the gradients of the float32 reference: dq, dk, dv (GQA: summed over
+    # each group) and d(slopes). Skipped where jax has no Mosaic GPU interpret mode.
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError:
+        pytest.skip("this jax has no Pallas Mosaic GPU interpret mode")
+    case = Case(B=1, T=128, H=2, Hkv=1, Dk=128, dtype=BF16)  # 4 items, 2 query heads per kv head
+    x = make_inputs(case, 13)
+    keys = jax.random.split(jax.random.PRNGKey(14), 2)
+    do = jax.random.normal(keys[0], x["q"].shape, jnp.float32).astype(BF16)
+    dfinal = jax.random.normal(keys[1], (case.B, case.H, 128, 128), jnp.float32)
+    scale = 0.3
+    S_in, G = (jnp.asarray(a, BF16) for a in _chunk_states(x["q"], x["k"], x["v"], do, x["slopes"], dfinal,
+                                                             scale))  # fmt: skip
+    dq, dk, dv, r0, r1 = mosaic_gpu._chunk_kernel(x["q"], x["k"], x["v"], do, x["slopes"], S_in, G,
+                                                  scale=scale, num_programs=1, interpret=InterpretGPUParams())
+    f32 = {n: jnp.asarray(a, jnp.float32) for n, a in x.items()}
+
+    def ref(q, k, v, slopes):
+        return reference.lightning_attention(q, k, v, slopes, scale=scale)
+
+    _, pullback = jax.vjp(ref, f32["q"], f32["k"], f32["v"], f32["slopes"])
+    want = pullback((do.astype(jnp.float32), dfinal))
+    got = (dq, dk.reshape(1, 128, 1, 2, 128).sum(3), dv.reshape(1, 128, 1, 2, 128).sum(3),
+           -(r0[:, 0].sum(-1) + r1[:, 0].sum(-1)).reshape(2, 2).sum(0))
+    for name, g, w in zip(("dq", "dk", "dv", "dslopes"), got, want, strict=True):
+        assert_close(name, g, w, tolerance(BF16, grad=True))
+    # the check rows (row sums of the stored outputs) are finite: no item flagged
+    assert np.isfinite(np.asarray(r0[:, 1])).all() and np.isfinite(np.asarray(r1[:, 1:])).all()
+
+
 def _hopper():
     capability = str(getattr(jax.devices()[0], "compute_capability", ""))
     if jax.default_backend() != "gpu" or not capability.startswith("9"):
@@ -197,6 +268,47 @@ def test_g_walk_matches_triton(case, bad):
         assert finite.all() != bad, name
         np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
         assert_close(name, got[finite], want[finite], tolerance(case.dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bad", [False, True], ids=["finite", "nonfinite"])
+@pytest.mark.parametrize("case", GRAD_CASES[:2], ids=lambda c: c.id)
+def test_chunk_kernel_matches_triton(case, bad):
+    # The backward's chunk kernel (Mosaic, then the exact relaunch of the flagged items) against Triton's:
+    # close where finite; with non-finite q, k, v the same non-finite entries, and the flagged items
+    # (those with a non-finite output) bit for bit Triton's.
+    _hopper()
+    x = make_inputs(case, 15)
+    keys = jax.random.split(jax.random.PRNGKey(16), 2)
+    do = jax.random.normal(keys[0], x["q"].shape[:3] + (case.Dk,), jnp.float32).astype(case.dtype)
+    dfinal = jax.random.normal(keys[1], (case.B, case.H, case.Dk, case.Dk), jnp.float32)
+    q, k, v = x["q"], x["k"], x["v"]
+    opts = triton.Options(scale=0.3, reverse=False)
+    blocks = triton.BlockSizes.get_default(case.Dk, case.Dk, case.dtype)
+    _, _, states = triton._forward_pass(q, k, v, x["slopes"], None, None, scale=0.3, reverse=False,
+                                        store_states=True, out_dtype=q.dtype, blocks=blocks,
+                                        state_dtype=BF16)  # fmt: skip
+    gstates, _ = triton._g_walk(opts, blocks, q, do, x["slopes"], dfinal, None, BF16)
+    if bad:  # after the states: each bad entry reaches only its own chunk here
+        q = q.at[0, 70, 1, 7].set(np.nan)
+        k = k.at[0, 130, 0, 3].set(np.inf)
+        v = v.at[0, 300, 0, 5].set(np.nan)
+
+    def run(fn):
+        return jax.jit(lambda *a: fn(opts, blocks, *a, None))(q, k, v, do, x["slopes"], states, gstates)
+
+    got, want = run(mosaic_gpu._chunks), run(triton._chunks)
+    for name, g, w in zip(("dq", "dk", "dv", "dslope"), got, want, strict=True):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        assert g.shape == w.shape, name
+        finite = np.isfinite(w)
+        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
+        assert_close(name, g[finite], w[finite], tolerance(case.dtype))
+    if bad:
+        for g, w in zip(got[:3], want[:3], strict=True):
+            g, w = (np.asarray(a, np.float32).reshape(case.B * case.T // 64, 64, case.H, -1) for a in (g, w))
+            for slot, h in ((1, 1), (2, 0), (4, 0)):  # the items of the bad entries (slot = chunk here)
+                np.testing.assert_array_equal(g[slot, :, h], w[slot, :, h])
 
 
 @pytest.mark.gpu

@@ -103,3 +103,42 @@ def test_forward_where_flagged_rewrites_only_flagged_pairs():
     for n, h in [(0, 1), (1, 0)]:
         np.testing.assert_array_equal(o[n, :, h], exact[n, :, h])
     assert np.isnan(o[1, 40:, 0]).any() and np.isfinite(o[1, :40, 0]).all()
+
+
+def test_chunks_where_flagged_rewrites_only_flagged_items():
+    # mosaic_gpu.py's exact relaunch of the backward's chunk kernel: flagged (chunk slot, head) items get
+    # bwd_chunk_kernel's outputs (here with a NaN in q, by the non-finite rule), the others keep the
+    # outputs passed in (sentinels) bit for bit.
+    import jax
+
+    case = Case(B=2, T=128, H=2, Hkv=1, Dk=16)
+    x = make_inputs(case, 4)
+    q = x["q"].at[1, 70, 1, 2].set(jnp.nan)  # slot 3 (sequence 1, chunk 1), head 1
+    keys = jax.random.split(jax.random.PRNGKey(5), 2)
+    do = jax.random.normal(keys[0], q.shape, jnp.float32)
+    dfinal = jax.random.normal(keys[1], (case.B, case.H, case.Dk, case.Dk), jnp.float32)
+    opts = backend.Options(scale=0.5, reverse=False)
+    blocks = backend.BlockSizes.get_default(case.Dk, case.Dk, q.dtype)
+    _, _, states = backend._forward_pass(q, x["k"], x["v"], x["slopes"], None, None, scale=0.5, reverse=False,
+                                         store_states=True, out_dtype=q.dtype, blocks=blocks)  # fmt: skip
+    gstates, _ = backend._g_walk(opts, blocks, q, do, x["slopes"], dfinal, None, jnp.float32)
+    args = (opts, q, x["k"], x["v"], do, x["slopes"], states, gstates)
+    exact = backend._chunks(opts, blocks, *args[1:], None)
+    sentinels = tuple(jnp.full(e.shape, 7.0, e.dtype) for e in exact)
+    flags = jnp.zeros((4, 2), jnp.float32).at[3, 1].set(1.0).at[0, 0].set(1.0)
+    got = backend.chunks_where_flagged(flags, sentinels, *args)
+    C, T, H = 64, case.T, case.H
+    for what, g, e in zip(("dq", "dk", "dv", "dslope"), got, exact, strict=True):
+        g, e = np.asarray(g), np.asarray(e)
+        if what == "dslope":
+            g, e = g.reshape(4, H), e.reshape(4, H)
+        else:  # [B * T, H, D] (dq, dk with a leading Dv-block axis of 1)
+            g, e = g.reshape(case.B * T // C, C, H, -1), e.reshape(case.B * T // C, C, H, -1)
+            g, e = g.transpose(0, 2, 1, 3), e.transpose(0, 2, 1, 3)  # [slot, head, ...]
+        for slot in range(4):
+            for h in range(H):
+                if float(flags[slot, h]):
+                    np.testing.assert_array_equal(g[slot, h], e[slot, h], err_msg=f"{what} {slot} {h}")
+                else:
+                    assert np.all(g[slot, h] == 7.0), (what, slot, h)
+    assert not np.isfinite(np.asarray(got[2]).reshape(4, C, H, -1)[3, :, 1]).all()  # dv reached in slot 3

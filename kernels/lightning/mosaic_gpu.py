@@ -54,6 +54,9 @@ BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per 
 # 0.20 ms on b4-t8k, H200, copy 3804 GB/s; two: 3 slots would not fit in shared memory)
 STAGES = {1: 3, 2: 2}
 COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the memory one keeps 40
+# the backward's chunk kernel: shared-memory slots of q, k, v, dO and of S_in, G (2 x 4 x 16 KiB + 2 x 32 KiB
+# of 227 KiB at D = 128; a second S_in, G slot does not fit next to two of the others)
+CHUNK_SLOTS, STATE_SLOTS = 2, 1
 LOG2E = 1.4426950408889634
 DEFAULT_SMS = 132  # H100 SXM / H200; the device's own count is used when JAX reports it
 
@@ -430,6 +433,371 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     return gstates.astype(state_dtype), g_out[:, :, 0]
 
 
+def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, interpret=None):
+    """The backward's chunk kernel (triton.py's bwd_chunk_kernel; its maths in the docstring there) over
+    every (chunk slot, head) item, at Dk = Dv = 128: dq [B, T, H, 128] (scaled), dk and dv per query head
+    [B, T, H, 128] (float32 under GQA, where the caller sums each group) and two row outputs, per item:
+    [items, 2, 64] (the slope term's and dq's row sums) and [items, 3, 64] (the slope term's, dk's and
+    dv's), which _chunks sums into d(slopes) and the non-finite flags.
+
+    A persistent grid of num_programs CUDA blocks, block p taking items p, p + num_programs, ... (item =
+    slot * H + h: the query heads of one kv chunk side by side, sharing k, v in L2). Three warpgroups:
+      * memory: TMA copies of each item's q, k, v, dO (two slots each) and S_in, G (one slot each: two
+        more 32 KiB slots do not fit), each slot refilled as soon as all its consumers released it, so
+        the next item streams in while this one computes;
+      * dq: dO v^T and dO S_in^T in flight together, b = mask(dO v^T lam^(i-j)), the slope term
+        q . (lam^(i+1) dO S_in^T), then b k accumulated onto lam^(i+1) dO S_in^T;
+      * dk, dv: the transposed scores k q^T and v dO^T as their own dots (no register transposes), the
+        in-chunk slope term from them, v G^T with <S_in, G> beside it, the keys' slope term, then b^T q
+        onto lam^(C-1-j) v G^T (dk) in flight with k G, and a^T dO onto lam^(C-1-j) k G (dv).
+    dq, dk, dv are stored from registers. interpret: Pallas's GPU interpret-mode parameters (CPU checks
+    only; the dots are emulated there, see below)."""
+    pl, plgpu = _plgpu()
+    B, T, H, D = q.shape
+    HKV = k.shape[2]
+    G = H // HKV
+    C = CHUNK
+    NCS = T // C  # chunks per sequence
+    NCT = B * NCS  # chunk slots
+    NITEMS = NCT * H
+    NP = int(num_programs)
+    dtype, f32 = q.dtype, jnp.float32
+    kv_dtype = f32 if G > 1 else dtype
+    scale = float(scale)
+    wgmma_l = plgpu.Layout.WGMMA
+    row_l = plgpu.Layout.WGMMA.reduce(1)
+
+    def layout_cast(x, layout):  # (interpret mode has no layout_cast; layouts mean nothing there)
+        return x if interpret is not None else plgpu.layout_cast(x, layout)
+
+    def iota(shape, dim, layout):
+        return layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
+
+    def transposed(ref):
+        return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
+
+    def bcast(row, ncols):  # [C] row vector -> [C, ncols] (WGMMA layout)
+        return lax.broadcast_in_dim(row, (C, ncols), [0])
+
+    # Dots. On the GPU: wgmma into plgpu.ACC accumulators, as mosaic_gpu.py (run_scoped for zeroed
+    # accumulators, run_state with ACC.init for initialised ones). Pallas's GPU interpret mode (CPU checks
+    # only) has no run_state, no stores into accumulators and no transposed wgmma operands, so there the
+    # dots are emulated on loaded values (bf16/fp16 operands, float32 accumulation) and are synchronous;
+    # everything else (TMA, barriers, the slot protocol, the elementwise maths) runs as written.
+    emulate = interpret is not None
+
+    class _Acc:  # an emulated accumulator (interpret mode)
+        def __init__(self, value):
+            self.value = value
+
+    def mma(acc, a, b, b_t=False):
+        """acc += a @ b (b^T with b_t); a: registers (16-bit) or a shared-memory ref; b: a ref."""
+        if emulate:
+            av = a[...] if type(a).__name__ == "TransformedRef" else a  # the refs passed are all .at[...]
+            bv = b[...]
+            acc.value = acc.value + jnp.dot(av, bv.T if b_t else bv, preferred_element_type=f32)
+            return
+        plgpu.wgmma(acc, a, transposed(b) if b_t else b)
+
+    def zeroed(body, shapes):
+        """body(accs, read) on zeroed accumulators of `shapes`; body's result. read(i, wait_n): the value
+        of accumulator i once all but wait_n of the wgmma groups issued are done."""
+        if emulate:
+            accs = [_Acc(jnp.zeros(shape, f32)) for shape in shapes]
+            return body(accs, lambda i, wait_n: accs[i].value)
+
+        def run(*accs):
+            def read(i, wait_n):
+                return accs[i][...] if wait_n == 0 else plgpu.wgmma_accumulator_load(accs[i], wait_n=wait_n)
+
+            return body(accs, read)
+
+        return pl.run_scoped(run, *[plgpu.ACC(shape, f32) for shape in shapes])
+
+    def stateful(body, inits):
+        """body(accs, read) on accumulators initialised to `inits`; their final values (all dots done)."""
+        if emulate:
+            accs = [_Acc(x) for x in inits]
+            body(accs, lambda i, wait_n: accs[i].value)
+            return tuple(acc.value for acc in accs)
+
+        def run(refs):
+            body(refs, lambda i, wait_n: plgpu.wgmma_accumulator_load(refs[i], wait_n=wait_n))
+
+        return pl.run_state(run)(tuple(plgpu.ACC.init(x) for x in inits))
+
+    def decode(n, pid):
+        item = pid + n * NP
+        cslot = lax.div(item, jnp.int32(H))
+        h = lax.rem(item, jnp.int32(H))
+        b = lax.div(cslot, jnp.int32(NCS))
+        c = lax.rem(cslot, jnp.int32(NCS))
+        hk = lax.div(h, jnp.int32(G))
+        return item, cslot, h, hk, b, pl.ds(c * C, C)
+
+    def kernel(q_ref, k_ref, v_ref, do_ref, sl_ref, st_ref, gt_ref,
+               dq_ref, dk_ref, dv_ref, r0_ref, r1_ref, scoped):
+        (q_s, k_s, v_s, o_s, s_s, g_s, r0_s, r1_s), full, free = scoped
+        qF, kF, vF, oF, sF, gF = full
+        qE, kE, vE, oE, sE, gE = free
+        pid = lax.axis_index("p")
+        wg = lax.axis_index("wg")
+        n_mine = lax.div(jnp.int32(NITEMS) - pid + jnp.int32(NP - 1), jnp.int32(NP))
+
+        def consts(h):
+            neg = -sl_ref[h] * LOG2E  # log2(lam)
+            rows = iota((C, C), 0, wgmma_l)
+            cols = iota((C, C), 1, wgmma_l)
+            r = iota((C,), 0, row_l).astype(f32)
+            return neg, rows, cols, r
+
+        # ------------------------------------------------------------------ wg 0: dq
+        @pl.when(wg == 0)
+        def _dq():
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+            def step(n, carry):
+                item, cslot, h, hk, b, rows_ = decode(n, pid)
+                s = lax.rem(n, jnp.int32(CHUNK_SLOTS))
+                ss = lax.rem(n, jnp.int32(STATE_SLOTS))
+                buf = lax.rem(n, jnp.int32(2))
+                neg, rows, cols, r = consts(h)
+                causal = rows >= cols  # [i, j]
+                intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
+                q_decay = jnp.exp2((r + 1.0) * neg)  # lam^(i+1)
+                w0 = (scale * (r + 1.0)) * q_decay
+
+                plgpu.barrier_wait(oF.at[s])
+                plgpu.barrier_wait(vF.at[s])
+                plgpu.barrier_wait(sF.at[ss])
+
+                def scores(accs, read):
+                    mma(accs[0], o_s.at[s], v_s.at[s], b_t=True)  # dO v^T [i, j]
+                    mma(accs[1], o_s.at[s], s_s.at[ss], b_t=True)  # dO S_in^T [i, Dk]
+                    dov = read(0, 1)  # dO S_in^T may still run
+                    bm = jnp.where(causal, dov * intra, 0.0).astype(dtype)
+                    return bm, read(1, 0)
+
+                bm, inter = zeroed(scores, [(C, C), (C, D)])
+                plgpu.barrier_arrive(vE.at[s])
+                plgpu.barrier_arrive(sE.at[ss])
+                plgpu.barrier_wait(qF.at[s])
+                # queries from S_in: scale sum_i (i+1) q_i . [lam^(i+1) dO_i S_in^T]
+                qv = q_s.at[s][...].astype(f32)
+                ds_row = w0 * (qv * inter).sum(axis=1)
+                plgpu.barrier_wait(kF.at[s])
+
+                def dq_dot(accs, read):
+                    mma(accs[0], bm, k_s.at[s])  # + b k
+
+                (dq,) = stateful(dq_dot, [bcast(q_decay, D) * inter])
+                plgpu.barrier_arrive(kE.at[s])
+                plgpu.barrier_arrive(qE.at[s])
+                plgpu.barrier_arrive(oE.at[s])
+                dq_out = (dq * scale).astype(dtype)
+                dq_ref.at[b, rows_, h][...] = dq_out
+                chk = dq_out.astype(f32).sum(axis=1)
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's copy two items ago
+                r0_s.at[buf, 0][...] = ds_row
+                r0_s.at[buf, 1][...] = chk
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(r0_s.at[buf], r0_ref.at[item])
+                return carry
+
+            lax.fori_loop(0, n_mine, step, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
+
+        # ------------------------------------------------------------------ wg 1: dk, dv
+        @pl.when(wg == 1)
+        def _dkdv():
+            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+
+            def step(n, carry):
+                item, cslot, h, hk, b, rows_ = decode(n, pid)
+                s = lax.rem(n, jnp.int32(CHUNK_SLOTS))
+                ss = lax.rem(n, jnp.int32(STATE_SLOTS))
+                buf = lax.rem(n, jnp.int32(2))
+                neg, rows, cols, r = consts(h)
+                causal_t = cols >= rows  # [j, i]: i >= j
+                lag_t = (cols - rows).astype(f32)
+                intra_t = jnp.exp2(jnp.where(causal_t, lag_t * neg, -jnp.inf))
+                key_exp = (C - 1.0) - r
+                key_decay = jnp.exp2(key_exp * neg)  # lam^(l-1-j), l = C
+                chunk_term = C * jnp.exp2(neg * C)  # l lam^l
+
+                plgpu.barrier_wait(kF.at[s])
+                plgpu.barrier_wait(qF.at[s])
+                plgpu.barrier_wait(vF.at[s])
+                plgpu.barrier_wait(oF.at[s])
+
+                def scores(accs, read):
+                    mma(accs[0], k_s.at[s], q_s.at[s], b_t=True)  # k q^T  [j, i]
+                    mma(accs[1], v_s.at[s], o_s.at[s], b_t=True)  # v dO^T [j, i]
+                    a_raw = read(0, 1)
+                    a_m = jnp.where(causal_t, a_raw * intra_t, 0.0)  # a^T (selected, never multiplied)
+                    a_s = (a_m * scale).astype(dtype)
+                    dov_t = read(1, 0)
+                    ds = scale * (lag_t * a_m * dov_t).sum(axis=1)  # intra pairs
+                    b_s = (jnp.where(causal_t, dov_t * intra_t, 0.0) * scale).astype(dtype)
+                    return a_s, b_s, ds
+
+                a_s, b_s, ds_row = zeroed(scores, [(C, C), (C, C)])
+                plgpu.barrier_wait(gF.at[ss])
+                plgpu.barrier_wait(sF.at[ss])
+
+                def dk_inter_dot(accs, read):
+                    mma(accs[0], v_s.at[s], g_s.at[ss], b_t=True)  # v G^T [j, Dk]
+                    # <S_in, G> while it runs, in two halves of 64 rows
+                    sg = None
+                    for half in range(2):
+                        part = pl.ds(half * C, C)
+                        sv = s_s.at[ss, part][...].astype(f32)
+                        gv = g_s.at[ss, part][...].astype(f32)
+                        t = (sv * gv).sum(axis=1)
+                        sg = t if sg is None else sg + t
+                    return read(0, 0), sg
+
+                dk_raw, sg_row = zeroed(dk_inter_dot, [(C, D)])
+                plgpu.barrier_arrive(sE.at[ss])
+                dki = bcast(key_decay, D) * dk_raw  # lam^(l-1-j) v_j G^T
+                kv = k_s.at[s][...].astype(f32)
+                ds_row = ds_row + key_exp * (kv * dki).sum(axis=1) + chunk_term * sg_row
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # this buffer's copy two items ago
+                r1_s.at[buf, 0][...] = ds_row
+
+                def dk_dots(accs, read):
+                    dk_acc, dvr_acc = accs
+                    mma(dk_acc, b_s, q_s.at[s])  # + scale b^T q
+                    mma(dvr_acc, k_s.at[s], g_s.at[ss])  # k G [j, Dv]
+                    dk = read(0, 1)  # k G may still run
+                    dk_out = dk.astype(kv_dtype)
+                    dk_ref.at[b, rows_, h][...] = dk_out
+                    r1_s.at[buf, 1][...] = dk_out.astype(f32).sum(axis=1)
+
+                zeros = layout_cast(jnp.zeros((C, D), f32), wgmma_l)
+                _, dvr = stateful(dk_dots, [dki, zeros])
+                plgpu.barrier_arrive(gE.at[ss])
+                plgpu.barrier_arrive(kE.at[s])
+                plgpu.barrier_arrive(vE.at[s])
+                plgpu.barrier_arrive(qE.at[s])
+
+                def dv_dot(accs, read):
+                    mma(accs[0], a_s, o_s.at[s])  # + scale a^T dO
+
+                (dv,) = stateful(dv_dot, [bcast(key_decay, D) * dvr])
+                plgpu.barrier_arrive(oE.at[s])
+                dv_out = dv.astype(kv_dtype)
+                dv_ref.at[b, rows_, h][...] = dv_out
+                r1_s.at[buf, 2][...] = dv_out.astype(f32).sum(axis=1)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(r1_s.at[buf], r1_ref.at[item])
+                return carry
+
+            lax.fori_loop(0, n_mine, step, jnp.int32(0))
+            plgpu.wait_smem_to_gmem(0)
+
+        # ------------------------------------------------------------------ wg 2: memory
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+
+            def step(n, carry):
+                item, cslot, h, hk, b, rows_ = decode(n, pid)
+                s = lax.rem(n, jnp.int32(CHUNK_SLOTS))
+                ss = lax.rem(n, jnp.int32(STATE_SLOTS))
+                for src, dst, fb, eb in ((q_ref.at[b, rows_, h], q_s, qF, qE),
+                                         (k_ref.at[b, rows_, hk], k_s, kF, kE),
+                                         (v_ref.at[b, rows_, hk], v_s, vF, vE),
+                                         (do_ref.at[b, rows_, h], o_s, oF, oE)):
+
+                    @pl.when(n >= CHUNK_SLOTS)
+                    def _wait(eb=eb):
+                        plgpu.barrier_wait(eb.at[s])
+
+                    plgpu.copy_gmem_to_smem(src, dst.at[s], fb.at[s])
+                for src, dst, fb, eb in ((st_ref.at[h, cslot], s_s, sF, sE),
+                                         (gt_ref.at[h, cslot], g_s, gF, gE)):
+
+                    @pl.when(n >= STATE_SLOTS)
+                    def _wait(eb=eb):
+                        plgpu.barrier_wait(eb.at[ss])
+
+                    plgpu.copy_gmem_to_smem(src, dst.at[ss], fb.at[ss])
+                return carry
+
+            lax.fori_loop(0, n_mine, step, jnp.int32(0))
+
+            # Observe the last releases too (they free nothing; Pallas's interpret mode insists that every
+            # phase of a barrier a thread waits on is observed by it; on the GPU this costs the idle tail).
+            def drain(n, carry, slots, barriers):
+                slot = lax.rem(n, jnp.int32(slots))
+                for eb in barriers:
+                    plgpu.barrier_wait(eb.at[slot])
+                return carry
+
+            for slots, barriers in ((CHUNK_SLOTS, (qE, kE, vE, oE)), (STATE_SLOTS, (sE, gE))):
+                lax.fori_loop(jnp.maximum(n_mine - slots, 0), n_mine,
+                              lambda n, c, slots=slots, barriers=barriers: drain(n, c, slots, barriers),
+                              jnp.int32(0))
+
+    def entry(*refs):
+        tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        smem = [
+            plgpu.SMEM((CHUNK_SLOTS, C, D), dtype, transforms=tiled),  # q
+            plgpu.SMEM((CHUNK_SLOTS, C, D), dtype, transforms=tiled),  # k
+            plgpu.SMEM((CHUNK_SLOTS, C, D), dtype, transforms=tiled),  # v
+            plgpu.SMEM((CHUNK_SLOTS, C, D), dtype, transforms=tiled),  # dO
+            plgpu.SMEM((STATE_SLOTS, D, D), dtype, transforms=tiled),  # S_in
+            plgpu.SMEM((STATE_SLOTS, D, D), dtype, transforms=tiled),  # G
+            plgpu.SMEM((2, 2, C), f32),  # wg 0 rows: slope, dq check (two items in flight)
+            plgpu.SMEM((2, 3, C), f32),  # wg 1 rows: slope, dk check, dv check
+        ]
+        full = tuple(plgpu.Barrier(num_barriers=CHUNK_SLOTS) for _ in range(4)) + (
+            plgpu.Barrier(num_barriers=STATE_SLOTS), plgpu.Barrier(num_barriers=STATE_SLOTS))
+        free = tuple(plgpu.Barrier(num_arrivals=2, num_barriers=CHUNK_SLOTS) for _ in range(4)) + (
+            # S_in: wg 0 (dO S_in^T) and wg 1 (<S_in, G>)
+            plgpu.Barrier(num_arrivals=2, num_barriers=STATE_SLOTS),
+            plgpu.Barrier(num_arrivals=1, num_barriers=STATE_SLOTS))  # G: wg 1 only
+        pl.run_scoped(lambda *args: kernel(*refs, args), smem, full, free, collective_axes="wg")
+
+    out_type = (
+        jax.ShapeDtypeStruct((B, T, H, D), dtype),  # dq
+        jax.ShapeDtypeStruct((B, T, H, D), kv_dtype),  # dk per query head
+        jax.ShapeDtypeStruct((B, T, H, D), kv_dtype),  # dv per query head
+        jax.ShapeDtypeStruct((NITEMS, 2, C), f32),  # wg 0 rows
+        jax.ShapeDtypeStruct((NITEMS, 3, C), f32),  # wg 1 rows
+    )
+    return plgpu.kernel(
+        entry,
+        out_type=out_type,
+        grid=(NP,),
+        grid_names=("p",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        **({} if interpret is None else {"interpret": interpret}),
+    )(q, k, v, do, slopes, states, gstates)
+
+
+def _chunks(opts, blocks, q, k, v, do, slopes, states, gstates, cu_seqlens):
+    """triton._chunks's results by the Mosaic chunk kernel (Dk = Dv = 128, states in the input dtype),
+    then the items whose outputs are not all finite recomputed exactly by Triton's chunk kernel in place:
+    the Mosaic kernel computes the plain products, where a non-finite entry also reaches the outputs
+    the non-finite rule keeps it from (the flags find every such item: each of them has a non-finite
+    output)."""
+    B, T, H, D = q.shape
+    nct = B * T // CHUNK
+    NP = min(getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS, nct * H)
+    dq, dk, dv, r0, r1 = _chunk_kernel(q, k, v, do, slopes, states, gstates, scale=float(opts.scale),
+                                       num_programs=NP)
+    dslope_part = -(r0[:, 0].sum(-1) + r1[:, 0].sum(-1))  # [slot * H + h]
+    flags = jnp.any(~jnp.isfinite(r0[:, 1]), -1) | jnp.any(~jnp.isfinite(r1[:, 1:]), (-2, -1))
+    outputs = (dq.reshape(1, B * T, H, D), dk.reshape(1, B * T, H, D), dv.reshape(B * T, H, D),
+               dslope_part)  # [slot * H + h], as Triton's
+    return triton.chunks_where_flagged(flags.astype(jnp.float32).reshape(nct, H), outputs, opts, q, k, v, do,
+                                       slopes, states, gstates)
+
+
 def _forward(q, k, v, slopes, s0, scale, store_states=False):
     """o [B, T, H, Dv], the final state [B, H, Dk, Dv] and, storing states, S_in of every chunk
     [H, B * T // C, Dk, Dv] in the input dtype (else None): segment scan, Mosaic walk, exact relaunch."""
@@ -469,12 +837,13 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
 
 
 def _lightning_bwd(opts, residuals, cotangents):
-    # Triton's chunk-parallel backward with the Mosaic G walk where the chunk states are in the input
-    # dtype (bf16: the Mosaic forward stored them); else Triton's whole.
-    q = residuals[0]
+    # Triton's chunk-parallel backward with the Mosaic G walk and, at Dv = 128, the Mosaic chunk kernel,
+    # where the chunk states are in the input dtype (bf16: the Mosaic forward stored them); else Triton's.
+    q, v = residuals[0], residuals[2]
     if triton._state_dtype(q.dtype) != q.dtype:
         return triton._lightning_bwd(opts, residuals, cotangents)
-    return triton._lightning_bwd(opts, residuals, cotangents, g_walk=_g_walk)
+    chunks = _chunks if v.shape[3] == q.shape[3] == 128 else None
+    return triton._lightning_bwd(opts, residuals, cotangents, g_walk=_g_walk, chunks=chunks)
 
 
 _lightning.defvjp(_lightning_fwd, _lightning_bwd)

@@ -141,7 +141,7 @@ def _kernels():
     import triton.language as tl
 
     # Triton resolves the helpers a kernel calls in the module's globals, not in this closure.
-    global _dot, _dot_acc, _finite, _seq_bounds, fwd_kernel
+    global _dot, _dot_acc, _finite, _seq_bounds, fwd_kernel, bwd_chunk_kernel
 
     @triton.jit
     def _dot(a, b, IEEE: tl.constexpr):
@@ -568,7 +568,29 @@ def _kernels():
                        T, H, HKV, DK, DV, BK, BV, C, SCALE, NC_TOTAL, REVERSE, VARLEN, HAS_S0,
                        STORE_STATES, IEEE, P, TSEG, STATES_ONLY)
 
-    return fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel, fwd_where_flagged_kernel
+    @triton.jit
+    def bwd_chunk_where_flagged_kernel(
+        q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, st_ptr, gt_ptr, cu_ptr, coff_ptr, slot_seq_ptr,
+        slot_chunk_ptr, flag_ptr, dq_in_ptr, dk_in_ptr, dv_in_ptr, dslope_in_ptr,  # inputs
+        dq_ptr, dk_ptr, dv_ptr, dslope_ptr,  # outputs: the *_in buffers, in place (input_output_aliases)
+        T: tl.constexpr, H: tl.constexpr, HKV: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+        BK: tl.constexpr, BV: tl.constexpr, C: tl.constexpr, SCALE: tl.constexpr,
+        NC_TOTAL: tl.constexpr, NV: tl.constexpr, NTOK: tl.constexpr, REVERSE: tl.constexpr,
+        VARLEN: tl.constexpr, IEEE: tl.constexpr, LATE_G: tl.constexpr,
+    ):
+        # bwd_chunk_kernel's programs, each only where its (chunk slot, head) is flagged
+        # (flag_ptr[slot * H + h] != 0): another backend's chunk kernel left its outputs there
+        # (mosaic_gpu.py), and this rewrites the flagged items', the non-finite rule included.
+        slot = (tl.program_id(0) // NV) % NC_TOTAL
+        h = tl.program_id(0) // (NV * NC_TOTAL)
+        if tl.load(flag_ptr + slot * H + h) != 0.0:
+            bwd_chunk_kernel(q_ptr, k_ptr, v_ptr, do_ptr, slope_ptr, st_ptr, gt_ptr, cu_ptr, coff_ptr,
+                             slot_seq_ptr, slot_chunk_ptr, dq_ptr, dk_ptr, dv_ptr, dslope_ptr,
+                             T, H, HKV, DK, DV, BK, BV, C, SCALE, NC_TOTAL, NV, NTOK, REVERSE, VARLEN, IEEE,
+                             LATE_G)
+
+    return (fwd_kernel, dkdv_kernel, dstate_kernel, bwd_chunk_kernel, fwd_where_flagged_kernel,
+            bwd_chunk_where_flagged_kernel)
 
 
 # --------------------------------------------------------------------------------------------- wrappers
@@ -772,9 +794,9 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
 
 
-def _lightning_bwd(opts, residuals, cotangents, g_walk=None):
-    """The backward rule. g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype): another
-    backend's G walk for the chunk-parallel backward, which returns what _g_walk does (mosaic_gpu.py)."""
+def _lightning_bwd(opts, residuals, cotangents, g_walk=None, chunks=None):
+    """The backward rule. Another backend's parts of the chunk-parallel backward (mosaic_gpu.py), each
+    returning what this one's does: g_walk as _g_walk, chunks as _chunks."""
     q, k, v, slopes, s0, cu_seqlens, states = residuals
     do, dfinal = cotangents
     blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
@@ -782,26 +804,43 @@ def _lightning_bwd(opts, residuals, cotangents, g_walk=None):
     dfinal = dfinal.astype(jnp.float32)
     if blocks.bwd_parallel:
         return _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states,
-                             g_walk=g_walk or _g_walk)
+                             g_walk=g_walk, chunks=chunks)
     return _bwd_sequential(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal)
 
 
-def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states, g_walk=None):
+def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, states, g_walk=None,
+                  chunks=None):
     """Backward as fla structures it: two light sequential chains (S_in and G of every chunk), then one
     kernel over all (chunk, head) pairs that does the matrix work. Chunk states are stored in the input
     dtype (bf16/fp16 products round them anyway), float32 for float32 inputs."""
     B, T, H, DK = q.shape
     HKV, DV = k.shape[2], v.shape[3]
     G = H // HKV
-    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
-    ieee = q.dtype == jnp.float32
     state_dtype = _state_dtype(q.dtype)
-    BK = _pow2(DK)
     if states is None:  # not kept by the forward: one walk over k and v alone
         _, _, states = _forward_pass(q, k, v, slopes, s0, cu_seqlens, scale=opts.scale, reverse=opts.reverse,
                                      store_states=True, out_dtype=q.dtype, blocks=blocks, states_only=True,
                                      state_dtype=state_dtype)
     gstates, ds0 = (g_walk or _g_walk)(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype)
+    dq_part, dk_part, dv_h, dslope_part = (chunks or _chunks)(opts, blocks, q, k, v, do, slopes, states,
+                                                              gstates, cu_seqlens)
+    split = dq_part.shape[0] > 1
+    dq = (dq_part.sum(0) if split else dq_part[0]).reshape(B, T, H, DK).astype(q.dtype)
+    dk = (dk_part.sum(0) if split else dk_part[0]).reshape(B, T, HKV, G, DK)
+    dk = (dk.sum(3) if G > 1 else dk[:, :, :, 0]).astype(k.dtype)
+    dv = dv_h.reshape(B, T, HKV, G, DV)
+    dv = (dv.sum(3) if G > 1 else dv[:, :, :, 0]).astype(v.dtype)
+    dslopes = dslope_part.reshape(-1, H).sum(0).astype(slopes.dtype)
+    ds0 = None if s0 is None else ds0.astype(s0.dtype)
+    return dq, dk, dv, dslopes, ds0, None
+
+
+def _chunk_launch_args(opts, blocks, q, k, v, do, slopes, states, gstates, cu_seqlens):
+    """(grid, inputs, output shapes, launch options) of bwd_chunk_kernel over every (chunk slot, head)."""
+    B, T, H, DK = q.shape
+    HKV, DV = k.shape[2], v.shape[3]
+    G = H // HKV
+    N, nc_total, cu, coff = _layout(cu_seqlens, B, T)
     if cu_seqlens is None:
         slot_seq = slot_chunk = jnp.zeros((1,), jnp.int32)
     else:
@@ -811,27 +850,44 @@ def _bwd_parallel(opts, blocks, q, k, v, slopes, s0, cu_seqlens, do, dfinal, sta
     BV = min(blocks.par_bv, _pow2(DV))
     NV = -(-DV // BV)
     split = NV > 1
-    dq_part, dk_part, dv_h, dslope_part = _launch(
-        _kernels()[3], flat_grid(NV, nc_total, H),
-        (q, k, v, do, slopes, states, gstates, cu, coff, slot_seq, slot_chunk),
-        # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
-        (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split else q.dtype),
-         jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split or G > 1 else k.dtype),
-         jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32 if G > 1 else v.dtype),
-         jax.ShapeDtypeStruct((NV * nc_total * H,), jnp.float32)),
-        name="lightning_bwd_chunks", num_warps=blocks.par_warps, num_stages=1,
-        T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=BK, BV=BV, C=CHUNK, SCALE=float(opts.scale),
-        NC_TOTAL=nc_total, NV=NV, NTOK=B * T, REVERSE=bool(opts.reverse), VARLEN=cu_seqlens is not None,
-        IEEE=ieee, LATE_G=blocks.par_late_g,
+    inputs = (q, k, v, do, slopes, states, gstates, cu, coff, slot_seq, slot_chunk)
+    # Partial sums (over Dv blocks or the GQA group) stay float32; otherwise write the final dtype.
+    out_shapes = (jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split else q.dtype),
+                  jax.ShapeDtypeStruct((NV, B * T, H, DK), jnp.float32 if split or G > 1 else k.dtype),
+                  jax.ShapeDtypeStruct((B * T, H, DV), jnp.float32 if G > 1 else v.dtype),
+                  jax.ShapeDtypeStruct((NV * nc_total * H,), jnp.float32))
+    meta = dict(
+        num_warps=blocks.par_warps, num_stages=1, T=T, H=H, HKV=HKV, DK=DK, DV=DV, BK=_pow2(DK), BV=BV,
+        C=CHUNK, SCALE=float(opts.scale), NC_TOTAL=nc_total, NV=NV, NTOK=B * T, REVERSE=bool(opts.reverse),
+        VARLEN=cu_seqlens is not None, IEEE=q.dtype == jnp.float32, LATE_G=blocks.par_late_g,
     )
-    dq = (dq_part.sum(0) if split else dq_part[0]).reshape(B, T, H, DK).astype(q.dtype)
-    dk = (dk_part.sum(0) if split else dk_part[0]).reshape(B, T, HKV, G, DK)
-    dk = (dk.sum(3) if G > 1 else dk[:, :, :, 0]).astype(k.dtype)
-    dv = dv_h.reshape(B, T, HKV, G, DV)
-    dv = (dv.sum(3) if G > 1 else dv[:, :, :, 0]).astype(v.dtype)
-    dslopes = dslope_part.reshape(NV * nc_total, H).sum(0).astype(slopes.dtype)
-    ds0 = None if s0 is None else ds0.astype(s0.dtype)
-    return dq, dk, dv, dslopes, ds0, None
+    return flat_grid(NV, nc_total, H), inputs, out_shapes, meta
+
+
+def _chunks(opts, blocks, q, k, v, do, slopes, states, gstates, cu_seqlens):
+    """The chunk-parallel backward kernel: (dq, dk partial sums [NV, B*T, H, Dk], dv per query head
+    [B*T, H, Dv], d(slopes) shares [NV * NC_TOTAL * H]) from S_in (states) and G (gstates) of every chunk."""
+    grid, inputs, out_shapes, meta = _chunk_launch_args(opts, blocks, q, k, v, do, slopes, states, gstates,
+                                                        cu_seqlens)
+    return _launch(_kernels()[3], grid, inputs, out_shapes, name="lightning_bwd_chunks", **meta)
+
+
+def chunks_where_flagged(flags, outputs, opts, q, k, v, do, slopes, states, gstates):
+    """outputs (as _chunks returns them, with one Dv block: mosaic_gpu.py's chunk kernel) with the
+    (chunk slot, head) items whose flags [NC_TOTAL, H] are not 0 recomputed by bwd_chunk_kernel (the
+    non-finite rule included), in place; the other items keep theirs. No cu_seqlens. On finite inputs
+    (nothing flagged) this launch costs its start only."""
+    blocks = BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
+    grid, inputs, out_shapes, meta = _chunk_launch_args(opts, blocks, q, k, v, do, slopes, states, gstates,
+                                                        None)
+    mismatch = any(o.shape != s.shape or o.dtype != s.dtype for o, s in zip(outputs, out_shapes, strict=True))
+    if meta["NV"] != 1 or mismatch:
+        raise ValueError(f"outputs {[(o.shape, o.dtype) for o in outputs]} are not bwd_chunk_kernel's "
+                         f"{[(s.shape, s.dtype) for s in out_shapes]} with one Dv block")
+    n = len(inputs) + 1
+    return _launch(_kernels()[5], grid, inputs + (flags.reshape(-1),) + tuple(outputs), out_shapes,
+                   input_output_aliases={n + i: i for i in range(4)},
+                   name="lightning_bwd_chunks_where_flagged", **meta)
 
 
 def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
