@@ -131,9 +131,7 @@ def test_chunk_kernel_in_interpret_mode_matches_reference():
         pytest.skip("this jax has no Pallas Mosaic GPU interpret mode")
     case = Case(B=1, T=128, H=2, Hkv=1, Dk=128, dtype=BF16)  # 4 items, 2 query heads per kv head
     x = make_inputs(case, 13)
-    keys = jax.random.split(jax.random.PRNGKey(14), 2)
-    do = jax.random.normal(keys[0], x["q"].shape, jnp.float32).astype(BF16)
-    dfinal = jax.random.normal(keys[1], (case.B, case.H, 128, 128), jnp.float32)
+    do, dfinal = _cotangents(case, 14)
     scale = 0.3
     S_in, G = (jnp.asarray(a, BF16) for a in _chunk_states(x["q"], x["k"], x["v"], do, x["slopes"], dfinal,
                                                              scale))  # fmt: skip
@@ -206,6 +204,27 @@ def test_gradients_match_reference(case):
     compare_with_reference(run_with_grads("mosaic_gpu", x), x, case.dtype)
 
 
+def _cotangents(case, seed):
+    """dO [B, T, H, Dv] in the case's dtype and dL/dS_final [B, H, Dk, Dv] float32, random."""
+    keys = jax.random.split(jax.random.PRNGKey(seed), 2)
+    Dv = case.Dv or case.Dk
+    do = jax.random.normal(keys[0], (case.B, case.T, case.H, Dv), jnp.float32).astype(case.dtype)
+    return do, jax.random.normal(keys[1], (case.B, case.H, case.Dk, Dv), jnp.float32)
+
+
+def _assert_like_triton(name, got, want, dtype, same_nonfinite=True):
+    """got close to Triton's want where want is finite; non-finite at the same entries (else: compared
+    where both are finite)."""
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    assert got.shape == want.shape, name
+    finite = np.isfinite(want)
+    if same_nonfinite:
+        np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
+    else:
+        finite &= np.isfinite(got)
+    assert_close(name, got[finite], want[finite], tolerance(dtype))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("bad", [False, True], ids=["finite", "nonfinite"])
 @pytest.mark.parametrize("case", GRAD_CASES[:2], ids=lambda c: c.id)
@@ -223,19 +242,11 @@ def test_chunk_states_match_triton(case, bad):
     (o_t, f_t), res_t = jax.jit(triton._lightning_fwd, static_argnums=6)(*args, opts)
     assert res_m[-1].dtype == res_t[-1].dtype == BF16
     for name, got, want in (("S_in", res_m[-1], res_t[-1]), ("final", f_m, f_t), ("o", o_m, o_t)):
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        assert got.shape == want.shape, name
-        finite = np.isfinite(want)
-        assert finite.all() != bad, name
-        if name == "o":
-            # The chunk of a bad v_j is NaN from j on in the columns of the Triton walk's Dv block that
-            # holds it, and the two walks' blocks differ (the relaunch is the plain walk's, 32 columns;
-            # the storing walk's 64): their causality is test_nonfinite_is_causal's. Compared here where
-            # both are finite.
-            finite &= np.isfinite(got)
-        else:  # states: the same entries reached
-            np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
-        assert_close(name, got[finite], want[finite], tolerance(case.dtype))
+        assert np.isfinite(np.asarray(want, np.float32)).all() != bad, name
+        # o: the chunk of a bad v_j is NaN from j on in the columns of the Triton walk's Dv block that
+        # holds it, and the two walks' blocks differ (the relaunch is the plain walk's, 32 columns; the
+        # storing walk's 64): its causality is test_nonfinite_is_causal's. The states: the same entries.
+        _assert_like_triton(name, got, want, case.dtype, same_nonfinite=name != "o")
 
 
 @pytest.mark.gpu
@@ -246,9 +257,7 @@ def test_g_walk_matches_triton(case, bad):
     # where a non-finite q or dO has reached them (the update has no mask: the same entries).
     _hopper()
     x = make_inputs(case, 11)
-    keys = jax.random.split(jax.random.PRNGKey(12), 2)
-    do = jax.random.normal(keys[0], x["q"].shape[:3] + (case.Dk,), jnp.float32).astype(case.dtype)
-    dfinal = jax.random.normal(keys[1], (case.B, case.H, case.Dk, case.Dk), jnp.float32)
+    do, dfinal = _cotangents(case, 12)
     q = x["q"]
     if bad:
         q = q.at[0, 300, 1, 7].set(np.nan)
@@ -262,12 +271,8 @@ def test_g_walk_matches_triton(case, bad):
 
     for name, got, want in zip(("G", "d(initial_state)"), walk(mosaic_gpu._g_walk), walk(triton._g_walk),
                                strict=True):
-        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
-        assert got.shape == want.shape, name
-        finite = np.isfinite(want)
-        assert finite.all() != bad, name
-        np.testing.assert_array_equal(np.isfinite(got), finite, err_msg=name)
-        assert_close(name, got[finite], want[finite], tolerance(case.dtype))
+        assert np.isfinite(np.asarray(want)).all() != bad, name
+        _assert_like_triton(name, got, want, case.dtype)
 
 
 @pytest.mark.gpu
@@ -279,9 +284,7 @@ def test_chunk_kernel_matches_triton(case, bad):
     # (those with a non-finite output) bit for bit Triton's.
     _hopper()
     x = make_inputs(case, 15)
-    keys = jax.random.split(jax.random.PRNGKey(16), 2)
-    do = jax.random.normal(keys[0], x["q"].shape[:3] + (case.Dk,), jnp.float32).astype(case.dtype)
-    dfinal = jax.random.normal(keys[1], (case.B, case.H, case.Dk, case.Dk), jnp.float32)
+    do, dfinal = _cotangents(case, 16)
     q, k, v = x["q"], x["k"], x["v"]
     opts = triton.Options(scale=0.3, reverse=False)
     blocks = triton.BlockSizes.get_default(case.Dk, case.Dk, case.dtype)
@@ -299,11 +302,7 @@ def test_chunk_kernel_matches_triton(case, bad):
 
     got, want = run(mosaic_gpu._chunks), run(triton._chunks)
     for name, g, w in zip(("dq", "dk", "dv", "dslope"), got, want, strict=True):
-        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
-        assert g.shape == w.shape, name
-        finite = np.isfinite(w)
-        np.testing.assert_array_equal(np.isfinite(g), finite, err_msg=name)
-        assert_close(name, g[finite], w[finite], tolerance(case.dtype))
+        _assert_like_triton(name, g, w, case.dtype)
     if bad:
         for g, w in zip(got[:3], want[:3], strict=True):
             g, w = (np.asarray(a, np.float32).reshape(case.B * case.T // 64, 64, case.H, -1) for a in (g, w))

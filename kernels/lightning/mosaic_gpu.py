@@ -551,17 +551,21 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             r = iota((C,), 0, row_l).astype(f32)
             return neg, rows, cols, r
 
+        def at_step(n):
+            """Step n of this program: its item's indices, its slots (q, k, v, dO; S_in, G; row buffer)
+            and the decay constants of its head."""
+            item, cslot, h, hk, b, rows_ = decode(n, pid)
+            slots = (lax.rem(n, jnp.int32(CHUNK_SLOTS)), lax.rem(n, jnp.int32(STATE_SLOTS)),
+                     lax.rem(n, jnp.int32(2)))
+            return (item, cslot, h, hk, b, rows_), slots, consts(h)
+
         # ------------------------------------------------------------------ wg 0: dq
         @pl.when(wg == 0)
         def _dq():
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
             def step(n, carry):
-                item, cslot, h, hk, b, rows_ = decode(n, pid)
-                s = lax.rem(n, jnp.int32(CHUNK_SLOTS))
-                ss = lax.rem(n, jnp.int32(STATE_SLOTS))
-                buf = lax.rem(n, jnp.int32(2))
-                neg, rows, cols, r = consts(h)
+                (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
                 causal = rows >= cols  # [i, j]
                 intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
                 q_decay = jnp.exp2((r + 1.0) * neg)  # lam^(i+1)
@@ -613,11 +617,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
 
             def step(n, carry):
-                item, cslot, h, hk, b, rows_ = decode(n, pid)
-                s = lax.rem(n, jnp.int32(CHUNK_SLOTS))
-                ss = lax.rem(n, jnp.int32(STATE_SLOTS))
-                buf = lax.rem(n, jnp.int32(2))
-                neg, rows, cols, r = consts(h)
+                (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
                 causal_t = cols >= rows  # [j, i]: i >= j
                 lag_t = (cols - rows).astype(f32)
                 intra_t = jnp.exp2(jnp.where(causal_t, lag_t * neg, -jnp.inf))
