@@ -120,7 +120,8 @@ def _chunk_states(q, k, v, do, slopes, dfinal, scale):
     return S_in, G
 
 
-def test_chunk_kernel_in_interpret_mode_matches_reference():
+@pytest.mark.parametrize("Hkv", [1, 2], ids=["gqa", "mha"])
+def test_chunk_kernel_in_interpret_mode_matches_reference(Hkv):
     # The Mosaic backward's chunk kernel in Pallas's GPU interpret mode on CPU (its dots emulated with
     # 16-bit operands and float32 accumulation; TMA, barriers, slots and the elementwise maths as written),
     # given exact S_in and G, against the gradients of the float32 reference: dq, dk, dv (GQA: summed over
@@ -129,7 +130,8 @@ def test_chunk_kernel_in_interpret_mode_matches_reference():
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
     except ImportError:
         pytest.skip("this jax has no Pallas Mosaic GPU interpret mode")
-    case = Case(B=1, T=128, H=2, Hkv=1, Dk=128, dtype=BF16)  # 4 items, 2 query heads per kv head
+    # 4 items; GQA: float32 dk, dv per query head (summed below), MHA: bf16, through shared memory
+    case = Case(B=1, T=128, H=2, Hkv=Hkv, Dk=128, dtype=BF16)
     x = make_inputs(case, 13)
     do, dfinal = _cotangents(case, 14)
     scale = 0.3
@@ -144,7 +146,8 @@ def test_chunk_kernel_in_interpret_mode_matches_reference():
 
     _, pullback = jax.vjp(ref, f32["q"], f32["k"], f32["v"], f32["slopes"])
     want = pullback((do.astype(jnp.float32), dfinal))
-    got = (dq, dk.reshape(1, 128, 1, 2, 128).sum(3), dv.reshape(1, 128, 1, 2, 128).sum(3),
+    group = (1, 128, Hkv, 2 // Hkv, 128)
+    got = (dq, dk.reshape(group).sum(3), dv.reshape(group).sum(3),
            -(r0[:, 0].sum(-1) + r1[:, 0].sum(-1)).reshape(2, 2).sum(0))
     for name, g, w in zip(("dq", "dk", "dv", "dslopes"), got, want, strict=True):
         assert_close(name, g, w, tolerance(BF16, grad=True))
