@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover
     from jax._src.core import Tracer as _Tracer
 
 # Backends tried, in order, when implementation=None, by jax.default_backend(). mosaic_gpu serves Hopper
-# at Dk = 128, where its forward walk measured faster; its gradients are triton's (see its docstring).
+# at Dk = 128, where its kernels measured faster (the forward walk; in bf16 also the backward's G walk and,
+# at Dv = 128, its chunk kernel); the rest of its gradients are triton's (see its docstring).
 DEFAULT_IMPLEMENTATIONS = {"gpu": ("mosaic_gpu", "triton", "xla"), "tpu": ("pallas", "xla")}
 
 
