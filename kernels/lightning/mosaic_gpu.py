@@ -70,6 +70,10 @@ def _plgpu():
     return pl, plgpu
 
 
+def _num_sms():
+    return getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
+
+
 def _check_supported(q, k, v, cu_seqlens, reverse):
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"the mosaic_gpu backend needs a GPU; jax.default_backend() is "
@@ -119,7 +123,7 @@ def _plan(B, H, DV, num_chunks):
     segments. So: one warpgroup where its programs fill 7/8 of the SMs in one wave without segments,
     else two (when Dv is a multiple of 128) with the most segments that keep one wave.
     """
-    sms = getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
+    sms = _num_sms()
     one = B * H * (DV // BV)
     nw = 2 if DV % (2 * BV) == 0 and not (sms * 7 // 8 <= one <= sms) else 1
     items = B * H * (DV // (BV * nw))
@@ -474,10 +478,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         return x if interpret is not None else plgpu.layout_cast(x, layout)
 
     def iota(shape, dim, layout):
-        return layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
-
-    def transposed(ref):
-        return ref.transpose((1, 0)) if hasattr(ref, "transpose") else plgpu.transpose_ref(ref, (1, 0))
+        return _iota(shape, dim, layout) if interpret is None else lax.broadcasted_iota(jnp.int32, shape, dim)
 
     def bcast(row, ncols):  # [C] row vector -> [C, ncols] (WGMMA layout)
         return lax.broadcast_in_dim(row, (C, ncols), [0])
@@ -500,7 +501,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             bv = b[...]
             acc.value = acc.value + jnp.dot(av, bv.T if b_t else bv, preferred_element_type=f32)
             return
-        plgpu.wgmma(acc, a, transposed(b) if b_t else b)
+        plgpu.wgmma(acc, a, _transposed(b) if b_t else b)
 
     def zeroed(body, shapes):
         """body(accs, read) on zeroed accumulators of `shapes`; body's result. read(i, wait_n): the value
@@ -802,7 +803,7 @@ def _chunks(opts, blocks, q, k, v, do, slopes, states, gstates, cu_seqlens):
     output)."""
     B, T, H, D = q.shape
     nct = B * T // CHUNK
-    NP = min(getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS, nct * H)
+    NP = min(_num_sms(), nct * H)
     dq, dk, dv, r0, r1 = _chunk_kernel(q, k, v, do, slopes, states, gstates, scale=float(opts.scale),
                                        num_programs=NP)
     dslope_part = -(r0[:, 0].sum(-1) + r1[:, 0].sum(-1))  # [slot * H + h]
