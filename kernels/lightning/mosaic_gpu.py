@@ -449,12 +449,16 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
       * memory: TMA copies of each item's q, k, v, dO (two slots each) and S_in, G (one slot each: two
         more 32 KiB slots do not fit), each slot refilled as soon as all its consumers released it, so
         the next item streams in while this one computes;
-      * dq: dO v^T and dO S_in^T in flight together, b = mask(dO v^T lam^(i-j)), the slope term
-        q . (lam^(i+1) dO S_in^T), then b k accumulated onto lam^(i+1) dO S_in^T;
-      * dk, dv: the transposed scores k q^T and v dO^T as their own dots (no register transposes), the
-        in-chunk slope term from them, v G^T with <S_in, G> beside it, the keys' slope term, then b^T q
-        onto lam^(C-1-j) v G^T (dk) in flight with k G, and a^T dO onto lam^(C-1-j) k G (dv).
-    dq is stored from registers, dk and dv (unless float32) through shared memory and TMA. interpret:
+      * dq: dO v^T, q k^T (for the slope term only) and dO S_in^T in flight together, <S_in, G> beside
+        them, b = mask(dO v^T lam^(i-j)), the in-chunk and the queries' slope terms, then b k
+        accumulated onto lam^(i+1) dO S_in^T;
+      * dk, dv: the transposed scores k q^T and v dO^T as their own dots (no register transposes), v G^T,
+        then b^T q onto lam^(C-1-j) v G^T (dk) in flight with k G, the keys' slope term (as
+        v . (k G)), and a^T dO onto lam^(C-1-j) k G (dv).
+    The slope terms sit in the dq warpgroup, which has a third of the dots: beside the dk/dv warpgroup's
+    dots they made it spill registers, and the kernel ran 1.21-1.27x longer (H200, copy 3909 GB/s,
+    benchmarks/RESULTS_mosaic_gpu.md, session 9). dq is stored from registers, dk and dv (unless float32)
+    through shared memory and TMA. interpret:
     Pallas's GPU interpret-mode parameters (CPU checks only; the dots are emulated there, see below)."""
     pl, plgpu = _plgpu()
     B, T, H, D = q.shape
@@ -577,23 +581,40 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
 
                 plgpu.barrier_wait(oF.at[s])
                 plgpu.barrier_wait(vF.at[s])
+                plgpu.barrier_wait(qF.at[s])
+                plgpu.barrier_wait(kF.at[s])
                 plgpu.barrier_wait(sF.at[ss])
 
                 def scores(accs, read):
                     mma(accs[0], o_s.at[s], v_s.at[s], b_t=True)  # dO v^T [i, j]
+                    mma(accs[2], q_s.at[s], k_s.at[s], b_t=True)  # q k^T [i, j], for the slope term only
                     mma(accs[1], o_s.at[s], s_s.at[ss], b_t=True)  # dO S_in^T [i, Dk]
-                    dov = read(0, 1)  # dO S_in^T may still run
+                    # <S_in, G> while they run, in two halves of 64 rows. The slope terms are summed here,
+                    # not in the dk/dv warpgroup, which has twice the dots and spilled registers with them
+                    # there; S_in then also has this warpgroup as its only consumer and is released early.
+                    plgpu.barrier_wait(gF.at[ss])
+                    sg = None
+                    for half in range(2):
+                        part = pl.ds(half * C, C)
+                        sv = s_s.at[ss, part][...].astype(f32)
+                        gv = g_s.at[ss, part][...].astype(f32)
+                        t = (sv * gv).sum(axis=1)
+                        sg = t if sg is None else sg + t
+                    dov = read(0, 2)  # q k^T and dO S_in^T may still run
                     bm = jnp.where(causal, dov * intra, 0.0).astype(dtype)
-                    return bm, read(1, 0)
+                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j)
+                    a_m = jnp.where(causal, read(2, 1) * intra, 0.0)
+                    ds_pairs = scale * ((rows - cols).astype(f32) * a_m * dov).sum(axis=1)
+                    return bm, read(1, 0), sg, ds_pairs
 
-                bm, inter = zeroed(scores, [(C, C), (C, D)])
+                bm, inter, sg_row, ds_pairs = zeroed(scores, [(C, C), (C, D), (C, C)])
                 plgpu.barrier_arrive(vE.at[s])
                 plgpu.barrier_arrive(sE.at[ss])
-                plgpu.barrier_wait(qF.at[s])
-                # queries from S_in: scale sum_i (i+1) q_i . [lam^(i+1) dO_i S_in^T]
+                plgpu.barrier_arrive(gE.at[ss])
+                # queries from S_in: scale sum_i (i+1) q_i . [lam^(i+1) dO_i S_in^T]; the chunk's
+                # l lam^l <S_in, G>; the pairs within it
                 qv = q_s.at[s][...].astype(f32)
-                ds_row = w0 * (qv * inter).sum(axis=1)
-                plgpu.barrier_wait(kF.at[s])
+                ds_row = w0 * (qv * inter).sum(axis=1) + (C * jnp.exp2(neg * C)) * sg_row + ds_pairs
 
                 def dq_dot(accs, read):
                     mma(accs[0], bm, k_s.at[s])  # + b k
@@ -623,11 +644,9 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             def step(n, carry):
                 (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
                 causal_t = cols >= rows  # [j, i]: i >= j
-                lag_t = (cols - rows).astype(f32)
-                intra_t = jnp.exp2(jnp.where(causal_t, lag_t * neg, -jnp.inf))
+                intra_t = jnp.exp2(jnp.where(causal_t, (cols - rows).astype(f32) * neg, -jnp.inf))
                 key_exp = (C - 1.0) - r
                 key_decay = jnp.exp2(key_exp * neg)  # lam^(l-1-j), l = C
-                chunk_term = C * jnp.exp2(neg * C)  # l lam^l
 
                 plgpu.barrier_wait(kF.at[s])
                 plgpu.barrier_wait(qF.at[s])
@@ -638,37 +657,22 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
                     mma(accs[0], k_s.at[s], q_s.at[s], b_t=True)  # k q^T  [j, i]
                     mma(accs[1], v_s.at[s], o_s.at[s], b_t=True)  # v dO^T [j, i]
                     a_raw = read(0, 1)
-                    a_m = jnp.where(causal_t, a_raw * intra_t, 0.0)  # a^T (selected, never multiplied)
-                    a_s = (a_m * scale).astype(dtype)
+                    # a^T (selected, never multiplied)
+                    a_s = (jnp.where(causal_t, a_raw * intra_t, 0.0) * scale).astype(dtype)
                     dov_t = read(1, 0)
-                    ds = scale * (lag_t * a_m * dov_t).sum(axis=1)  # intra pairs
                     b_s = (jnp.where(causal_t, dov_t * intra_t, 0.0) * scale).astype(dtype)
-                    return a_s, b_s, ds
+                    return a_s, b_s
 
-                a_s, b_s, ds_row = zeroed(scores, [(C, C), (C, C)])
+                a_s, b_s = zeroed(scores, [(C, C), (C, C)])
                 plgpu.barrier_wait(gF.at[ss])
-                plgpu.barrier_wait(sF.at[ss])
 
                 def dk_inter_dot(accs, read):
                     mma(accs[0], v_s.at[s], g_s.at[ss], b_t=True)  # v G^T [j, Dk]
-                    # <S_in, G> while it runs, in two halves of 64 rows
-                    sg = None
-                    for half in range(2):
-                        part = pl.ds(half * C, C)
-                        sv = s_s.at[ss, part][...].astype(f32)
-                        gv = g_s.at[ss, part][...].astype(f32)
-                        t = (sv * gv).sum(axis=1)
-                        sg = t if sg is None else sg + t
-                    return read(0, 0), sg
+                    return read(0, 0)
 
-                dk_raw, sg_row = zeroed(dk_inter_dot, [(C, D)])
-                plgpu.barrier_arrive(sE.at[ss])
-                dki = bcast(key_decay, D) * dk_raw  # lam^(l-1-j) v_j G^T
-                kv = k_s.at[s][...].astype(f32)
-                ds_row = ds_row + key_exp * (kv * dki).sum(axis=1) + chunk_term * sg_row
+                dki = bcast(key_decay, D) * zeroed(dk_inter_dot, [(C, D)])  # lam^(l-1-j) v_j G^T
                 # this buffer's copy two items ago (and, staging, the last item's dv store) has read it
                 plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                r1_s.at[buf, 0][...] = ds_row
 
                 def dk_dots(accs, read):
                     dk_acc, dvr_acc = accs
@@ -686,6 +690,10 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
 
                 zeros = layout_cast(jnp.zeros((C, D), f32), wgmma_l)
                 _, dvr = stateful(dk_dots, [dki, zeros])
+                # the keys' slope term sum_j (l-1-j) lam^(l-1-j) k_j . (v_j G^T), as v_j . (k_j G): here, with
+                # dk stored, fewer registers are live than beside v G^T
+                vv = v_s.at[s][...].astype(f32)
+                r1_s.at[buf, 0][...] = (key_exp * key_decay) * (vv * dvr).sum(axis=1)
                 plgpu.barrier_arrive(gE.at[ss])
                 plgpu.barrier_arrive(kE.at[s])
                 plgpu.barrier_arrive(vE.at[s])
@@ -771,9 +779,8 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         full = tuple(plgpu.Barrier(num_barriers=CHUNK_SLOTS) for _ in range(4)) + (
             plgpu.Barrier(num_barriers=STATE_SLOTS), plgpu.Barrier(num_barriers=STATE_SLOTS))
         free = tuple(plgpu.Barrier(num_arrivals=2, num_barriers=CHUNK_SLOTS) for _ in range(4)) + (
-            # S_in: wg 0 (dO S_in^T) and wg 1 (<S_in, G>)
-            plgpu.Barrier(num_arrivals=2, num_barriers=STATE_SLOTS),
-            plgpu.Barrier(num_arrivals=1, num_barriers=STATE_SLOTS))  # G: wg 1 only
+            plgpu.Barrier(num_arrivals=1, num_barriers=STATE_SLOTS),  # S_in: wg 0 only (dO S_in^T, <S_in, G>)
+            plgpu.Barrier(num_arrivals=2, num_barriers=STATE_SLOTS))  # G: wg 0 (<S_in, G>) and wg 1
         pl.run_scoped(lambda *args: kernel(*refs, args), smem, full, free, collective_axes="wg")
 
     out_type = (
