@@ -57,6 +57,11 @@ COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the
 # the backward's chunk kernel: shared-memory slots of q, k, v, dO and of S_in, G (2 x 4 x 16 KiB + 2 x 32 KiB
 # of 227 KiB at D = 128; a second S_in, G slot does not fit next to two of the others)
 CHUNK_SLOTS, STATE_SLOTS = 2, 1
+# and its registers per thread of the dq and the dk/dv warpgroup (setmaxnreg): a launch of three warpgroups
+# gets 168 each, so with the memory warpgroup's 40 the two may take 464 together, and no more. More for
+# the dk/dv warpgroup ran slower: 224/240 1.06x / 1.03x, 216/248 1.12x / 1.06x on b4-t8k / b2-t16k (H200,
+# copy 3832 GB/s, benchmarks/results/h200_lightning_mosaic_chunk_kernel_register_splits_2026-12-01.json)
+CHUNK_REGISTERS = (232, 232)
 LOG2E = 1.4426950408889634
 DEFAULT_SMS = 132  # H100 SXM / H200; the device's own count is used when JAX reports it
 
@@ -570,7 +575,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         # ------------------------------------------------------------------ wg 0: dq
         @pl.when(wg == 0)
         def _dq():
-            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+            plgpu.set_max_registers(CHUNK_REGISTERS[0], action="increase")
 
             def step(n, carry):
                 (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
@@ -639,7 +644,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         # ------------------------------------------------------------------ wg 1: dk, dv
         @pl.when(wg == 1)
         def _dkdv():
-            plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
+            plgpu.set_max_registers(CHUNK_REGISTERS[1], action="increase")
 
             def step(n, carry):
                 (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
