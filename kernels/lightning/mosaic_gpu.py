@@ -1,5 +1,5 @@
-"""Lightning attention's forward walk and the backward's G walk in Pallas on Mosaic GPU (Hopper),
-warp-specialised; the rest Triton's.
+"""Lightning attention's forward walk and, under differentiation, the backward's G walk and chunk kernel
+in Pallas on Mosaic GPU (Hopper), warp-specialised; the rest Triton's.
 
 Same chunked form as triton.py (chunks of C = 64 tokens, lam = exp(-s_h)):
 
@@ -21,11 +21,15 @@ Few (sequence, head) pairs are cut into P segments as in triton.py: Triton's sta
 gives each segment's local state, a P-step scan in JAX the state entering each, and the Mosaic walk
 runs every segment from its own.
 
+The backward is Triton's chunk-parallel structure (custom_vjp rules below) with Mosaic kernels in two of
+its places: under differentiation (bf16) the walk also stores S_in of every chunk, the G walk here
+(_g_walk_kernel: the state update alone, in reverse chunk order) gives G = dL/dS_out of every chunk, and
+at Dk = Dv = 128 the chunk kernel here (_chunk_kernel) reads both. fp16 takes Triton's kernels there,
+since Triton keeps fp16's chunk states in float32.
+
 What this file does not do itself:
-  * The backward's chunk-parallel kernel. Under differentiation (bf16) the walk also stores S_in of
-    every chunk, the G walk here (_g_walk_kernel: the state update alone, in reverse chunk order) gives
-    G = dL/dS_out of every chunk, and Triton's chunk kernel reads both (custom_vjp rules below). fp16
-    takes Triton's forward and G walk there, since Triton keeps fp16's chunk states in float32.
+  * Triton's segment passes (the states-only first pass and its backward twin) and the exact
+    relaunches below.
   * The non-finite rule inside a chunk (README, "Non-finite values"): a non-finite v_j reaches
     outputs i < j of its chunk in P v (0 * NaN). A non-finite k or v also reaches the final state and
     stays there, so every (sequence, head) pair whose final state is not finite is recomputed by the
@@ -460,11 +464,11 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
       * dk, dv: the transposed scores k q^T and v dO^T as their own dots (no register transposes), v G^T,
         then b^T q onto lam^(C-1-j) v G^T (dk) in flight with k G, the keys' slope term (as
         v . (k G)), and a^T dO onto lam^(C-1-j) k G (dv).
-    The slope terms sit in the dq warpgroup, which has a third of the dots: beside the dk/dv warpgroup's
-    dots they made it spill registers, and the kernel ran 1.21-1.27x longer (H200, copy 3909 GB/s,
-    benchmarks/RESULTS_mosaic_gpu.md, session 9). dq is stored from registers, dk and dv (unless float32)
-    through shared memory and TMA. interpret:
-    Pallas's GPU interpret-mode parameters (CPU checks only; the dots are emulated there, see below)."""
+    The slope terms but the keys' sit in the dq warpgroup, which has fewer dots: beside the dk/dv
+    warpgroup's dots they made it spill registers, and the kernel ran 1.21-1.27x longer (H200, copy
+    3909 GB/s, benchmarks/RESULTS_mosaic_gpu.md, session 9). dq is stored from registers, dk and dv
+    (unless float32) through shared memory and TMA. interpret: Pallas's GPU interpret-mode parameters (CPU
+    checks only; the dots are emulated there, see below)."""
     pl, plgpu = _plgpu()
     B, T, H, D = q.shape
     HKV = k.shape[2]
@@ -580,7 +584,8 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             def step(n, carry):
                 (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
                 causal = rows >= cols  # [i, j]
-                intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
+                lag = (rows - cols).astype(f32)
+                intra = jnp.exp2(jnp.where(causal, lag * neg, -jnp.inf))
                 q_decay = jnp.exp2((r + 1.0) * neg)  # lam^(i+1)
                 w0 = (scale * (r + 1.0)) * q_decay
 
@@ -595,7 +600,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
                     mma(accs[2], q_s.at[s], k_s.at[s], b_t=True)  # q k^T [i, j], for the slope term only
                     mma(accs[1], o_s.at[s], s_s.at[ss], b_t=True)  # dO S_in^T [i, Dk]
                     # <S_in, G> while they run, in two halves of 64 rows. The slope terms are summed here,
-                    # not in the dk/dv warpgroup, which has twice the dots and spilled registers with them
+                    # not in the dk/dv warpgroup, which has most of the dots and spilled registers with them
                     # there; S_in then also has this warpgroup as its only consumer and is released early.
                     plgpu.barrier_wait(gF.at[ss])
                     sg = None
@@ -607,9 +612,10 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
                         sg = t if sg is None else sg + t
                     dov = read(0, 2)  # q k^T and dO S_in^T may still run
                     bm = jnp.where(causal, dov * intra, 0.0).astype(dtype)
-                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j)
-                    a_m = jnp.where(causal, read(2, 1) * intra, 0.0)
-                    ds_pairs = scale * ((rows - cols).astype(f32) * a_m * dov).sum(axis=1)
+                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j), the
+                    # pairs j > i selected away after the product
+                    pairs = jnp.where(causal, lag * (read(2, 1) * intra) * dov, 0.0)
+                    ds_pairs = scale * pairs.sum(axis=1)
                     return bm, read(1, 0), sg, ds_pairs
 
                 bm, inter, sg_row, ds_pairs = zeroed(scores, [(C, C), (C, D), (C, C)])
