@@ -584,8 +584,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
             def step(n, carry):
                 (item, cslot, h, hk, b, rows_), (s, ss, buf), (neg, rows, cols, r) = at_step(n)
                 causal = rows >= cols  # [i, j]
-                lag = (rows - cols).astype(f32)
-                intra = jnp.exp2(jnp.where(causal, lag * neg, -jnp.inf))
+                intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
                 q_decay = jnp.exp2((r + 1.0) * neg)  # lam^(i+1)
                 w0 = (scale * (r + 1.0)) * q_decay
 
@@ -612,10 +611,15 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
                         sg = t if sg is None else sg + t
                     dov = read(0, 2)  # q k^T and dO S_in^T may still run
                     bm = jnp.where(causal, dov * intra, 0.0).astype(dtype)
-                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j), the
-                    # pairs j > i selected away after the product
-                    pairs = jnp.where(causal, lag * (read(2, 1) * intra) * dov, 0.0)
-                    ds_pairs = scale * pairs.sum(axis=1)
+                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j). Written
+                    # with the lag array computed once at the top of the step and the mask selected after the
+                    # product, the kernel ran 1.17x / 1.15x longer (b4-t8k / b2-t16k; H200, copy 3840 GB/s,
+                    # benchmarks/results/h200_lightning_mosaic_chunk_kernel_review_mend_2026-12-02.json). A
+                    # non-finite dO v^T entry j > i reaches this row's sum through 0 * NaN; its dO_i or v_j
+                    # then also makes dq_i or dk_j non-finite, so the item is flagged and recomputed by
+                    # Triton's kernel (_chunks) in any case
+                    a_m = jnp.where(causal, read(2, 1) * intra, 0.0)
+                    ds_pairs = scale * ((rows - cols).astype(f32) * a_m * dov).sum(axis=1)
                     return bm, read(1, 0), sg, ds_pairs
 
                 bm, inter, sg_row, ds_pairs = zeroed(scores, [(C, C), (C, D), (C, C)])
