@@ -96,6 +96,34 @@ def test_chunk_kernel_lowers_for_cuda(B, T, H, Hkv):
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
+@pytest.mark.parametrize("kernel", ["walk", "g_walk", "chunk_kernel"])
+def test_kernels_lower_inside_shard_map_without_nvshmem(kernel):
+    # Mosaic GPU resolves lax.axis_index against the enclosing mesh's axes first: when the walks' grid axis
+    # was named "heads", as meshes.AXIS_NAMES has it, inside shard_map it became the device's mesh index,
+    # read through NVSHMEM (nvshmem_my_pe), which XLA does not support. The kernels' axis names are now
+    # their own; none of them may reach for a device index under a mesh with the usual names.
+    pytest.importorskip("jax_cuda12_plugin")
+    mesh = jax.make_mesh((1, 1, 1, 1), ("data", "seq", "heads", "batch"), devices=jax.devices()[:1])
+    B, T, H, D = 1, 512, 2, 128
+    a = jax.ShapeDtypeStruct((B, T, H, D), BF16)
+    sl = jax.ShapeDtypeStruct((H,), jnp.float32)
+    st = jax.ShapeDtypeStruct((H, B * T // 64, D, D), BF16)
+    cases = {
+        "walk": (lambda q, k, v, s: mosaic_gpu._walk(q, k, v, s, None, scale=0.1, P=2, NW=2,
+                                                     store_states=True), (a, a, a, sl)),
+        "g_walk": (lambda q, do, s, g0: mosaic_gpu._g_walk_kernel(q, do, s, g0, scale=0.1, P=1, NW=1),
+                   (a, a, sl, jax.ShapeDtypeStruct((B, H, 1, D, D), jnp.float32))),
+        "chunk_kernel": (lambda q, k, v, do, s, st, gt: mosaic_gpu._chunk_kernel(
+            q, k, v, do, s, st, gt, scale=0.1, num_programs=132), (a, a, a, a, sl, st, st)),
+    }
+    f, args = cases[kernel]
+    inside = jax.shard_map(f, mesh=mesh, in_specs=tuple(jax.sharding.PartitionSpec() for _ in args),
+                           out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    text = jax.jit(inside).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+    assert "nvshmem" not in text and "xla_replica_ids" not in text
+
+
 def _chunk_states(q, k, v, do, slopes, dfinal, scale):
     """S_in and G = dL/dS_out of every chunk, [H, B * T // 64, Dk, Dv] float64, by their recurrences."""
     q, k, v, do = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v, do))
@@ -395,9 +423,10 @@ def test_nonfinite_is_causal():
 
 @pytest.mark.gpu
 def test_declines_inside_shard_map():
-    # A Mosaic GPU kernel inside shard_map fails at run time on this stack ("NVSHMEM is not supported in
-    # XLA", H200, jax 0.11.2), so the backend declines there, and sharded_lightning's per-device calls,
-    # default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh: one GPU here).
+    # Inside shard_map the backend declines (its kernels have not been run there on a GPU yet: the walks
+    # once failed there, "NVSHMEM is not supported in XLA", H200, jax 0.11.2, until their grid axes were
+    # renamed; test_kernels_lower_inside_shard_map_without_nvshmem), so sharded_lightning's per-device
+    # calls, default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh: one GPU here).
     _hopper()
     from shardattn.meshes import make_mesh
     from shardattn.sharded import sharded_lightning

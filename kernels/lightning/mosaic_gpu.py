@@ -38,8 +38,8 @@ What this file does not do itself:
 
 Serves: an NVIDIA Hopper GPU (wgmma, TMA; compute capability 9.x), bf16 or fp16, Dk = 128 (at Dk = 64
 the Triton walk measured faster, so those calls are left to it), Dv a multiple of 64, T a multiple of
-64, no cu_seqlens, reverse=False, outside shard_map (inside it, Mosaic GPU kernels need NVSHMEM, which
-the XLA build it was tested with lacks; sharded_lightning's per-device calls go to the Triton backend).
+64, no cu_seqlens, reverse=False, outside shard_map (not yet run inside it on a GPU, see _check_supported;
+sharded_lightning's per-device calls go to the Triton backend).
 Anything else raises NotImplementedError (the API then tries the next backend). Signature and meaning
 as in reference.py.
 """
@@ -68,6 +68,12 @@ CHUNK_SLOTS, STATE_SLOTS = 2, 1
 CHUNK_REGISTERS = (232, 232)
 LOG2E = 1.4426950408889634
 DEFAULT_SMS = 132  # H100 SXM / H200; the device's own count is used when JAX reports it
+# The kernels' grid and warpgroup axis names. Mosaic GPU resolves lax.axis_index against the enclosing
+# shard_map mesh's axes first, so a kernel axis named like a mesh axis ("heads", as meshes.AXIS_NAMES has)
+# became that device's mesh index, read through NVSHMEM (nvshmem_my_pe), and the run failed inside
+# shard_map ("NVSHMEM is not supported in XLA", H200, jax 0.11.2). Names no mesh is expected to use:
+_VS, _HEADS, _BATCH = "shardattn_mgpu_vs", "shardattn_mgpu_heads", "shardattn_mgpu_batch"
+_PROGRAMS, _WG = "shardattn_mgpu_programs", "shardattn_mgpu_wg"
 
 
 def _plgpu():
@@ -92,10 +98,12 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
         raise NotImplementedError(f"the mosaic_gpu backend's walk is written for Hopper (wgmma, compute "
                                   f"capability 9.x); this GPU reports {capability!r}")
     if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
-        # H200, jax 0.11.2: a Mosaic GPU kernel inside shard_map compiles for NVSHMEM, and the run fails
-        # with "UNIMPLEMENTED: NVSHMEM is not supported in XLA" (tests/test_mosaic_gpu.py)
-        raise NotImplementedError("the mosaic_gpu backend does not run inside shard_map (Mosaic GPU kernels "
-                                  "there need NVSHMEM, which this XLA build does not support)")
+        # H200, jax 0.11.2: inside shard_map the walks failed at run time ("UNIMPLEMENTED: NVSHMEM is not
+        # supported in XLA"): their grid axis "heads" was read as the mesh axis of that name (see _VS
+        # above). With the kernel axes renamed they lower there without NVSHMEM (a CPU lowering test), but
+        # they have not run inside shard_map on a GPU yet, and this wrapper has no varying-axes casts
+        raise NotImplementedError("the mosaic_gpu backend is not used inside shard_map: its kernels have "
+                                  "not been run there on a GPU yet")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise NotImplementedError(f"the mosaic_gpu backend takes bfloat16/float16, got {name}.dtype="
@@ -198,13 +206,13 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
 
     def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, scoped):
         (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed = scoped
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        vs = lax.axis_index("vs")  # (segment, group of NW Dv blocks), Dv fastest
+        b = lax.axis_index(_BATCH)
+        h = lax.axis_index(_HEADS)
+        vs = lax.axis_index(_VS)  # (segment, group of NW Dv blocks), Dv fastest
         seg, iv = lax.div(vs, jnp.array(NV, vs.dtype)), lax.rem(vs, jnp.array(NV, vs.dtype))
         hk = lax.div(h, jnp.array(G, h.dtype))
         c0 = seg * NC  # first chunk of this program's segment
-        wg = lax.axis_index("wg")
+        wg = lax.axis_index(_WG)
 
         def dv_block(w):
             return pl.ds((iv * NW + w) * BV, BV)
@@ -312,7 +320,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
              plgpu.Barrier(num_barriers=(NW, stages))),
             plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-            collective_axes="wg",
+            collective_axes=_WG,
         )  # fmt: skip
 
     return plgpu.kernel(
@@ -320,9 +328,9 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
         out_type=(jax.ShapeDtypeStruct((B, T, H, DV), dtype), jax.ShapeDtypeStruct((B, H, P, DK, DV), f32),
                   jax.ShapeDtypeStruct((H, B * T // C, DK, DV) if store_states else (1,), dtype)),
         grid=(NV * P, H, B),
-        grid_names=("vs", "heads", "batch"),
+        grid_names=(_VS, _HEADS, _BATCH),
         num_threads=NW + 1,
-        thread_name="wg",
+        thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
 
@@ -346,12 +354,12 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
 
     def kernel(q_ref, do_ref, sl_ref, g0_ref, gst_ref, gout_ref, scoped):
         (q_s, do_s, dd_s, g_s), (qb, dob), freed = scoped
-        b = lax.axis_index("batch")
-        h = lax.axis_index("heads")
-        vs = lax.axis_index("vs")
+        b = lax.axis_index(_BATCH)
+        h = lax.axis_index(_HEADS)
+        vs = lax.axis_index(_VS)
         seg, iv = lax.div(vs, jnp.array(NV, vs.dtype)), lax.rem(vs, jnp.array(NV, vs.dtype))
         c0 = seg * NC
-        wg = lax.axis_index("wg")
+        wg = lax.axis_index(_WG)
 
         def dv_block(w):
             return pl.ds((iv * NW + w) * BV, BV)
@@ -417,7 +425,7 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
             smem,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=(NW, stages))),
             plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
-            collective_axes="wg",
+            collective_axes=_WG,
         )  # fmt: skip
 
     return plgpu.kernel(
@@ -425,9 +433,9 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
         out_type=(jax.ShapeDtypeStruct((H, B * T // C, DK, DV), dtype),
                   jax.ShapeDtypeStruct((B, H, P, DK, DV), f32)),
         grid=(NV * P, H, B),
-        grid_names=("vs", "heads", "batch"),
+        grid_names=(_VS, _HEADS, _BATCH),
         num_threads=NW + 1,
-        thread_name="wg",
+        thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )(q, do, slopes, g0)
 
@@ -557,8 +565,8 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         (q_s, k_s, v_s, o_s, s_s, g_s, r0_s, r1_s, *stage), full, free = scoped
         qF, kF, vF, oF, sF, gF = full
         qE, kE, vE, oE, sE, gE = free
-        pid = lax.axis_index("p")
-        wg = lax.axis_index("wg")
+        pid = lax.axis_index(_PROGRAMS)
+        wg = lax.axis_index(_WG)
         n_mine = lax.div(jnp.int32(NITEMS) - pid + jnp.int32(NP - 1), jnp.int32(NP))
 
         def consts(h):
@@ -796,7 +804,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         free = tuple(plgpu.Barrier(num_arrivals=2, num_barriers=CHUNK_SLOTS) for _ in range(4)) + (
             plgpu.Barrier(num_arrivals=1, num_barriers=STATE_SLOTS),  # S_in: wg 0 only (dO S_in^T, <S_in, G>)
             plgpu.Barrier(num_arrivals=2, num_barriers=STATE_SLOTS))  # G: wg 0 (<S_in, G>) and wg 1
-        pl.run_scoped(lambda *args: kernel(*refs, args), smem, full, free, collective_axes="wg")
+        pl.run_scoped(lambda *args: kernel(*refs, args), smem, full, free, collective_axes=_WG)
 
     out_type = (
         jax.ShapeDtypeStruct((B, T, H, D), dtype),  # dq
@@ -809,9 +817,9 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         entry,
         out_type=out_type,
         grid=(NP,),
-        grid_names=("p",),
+        grid_names=(_PROGRAMS,),
         num_threads=3,
-        thread_name="wg",
+        thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
     )(q, k, v, do, slopes, states, gstates)
