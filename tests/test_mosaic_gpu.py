@@ -423,10 +423,11 @@ def test_nonfinite_is_causal():
 
 @pytest.mark.gpu
 def test_declines_inside_shard_map():
-    # Inside shard_map the backend declines (its kernels have not been run there on a GPU yet: the walks
-    # once failed there, "NVSHMEM is not supported in XLA", H200, jax 0.11.2, until their grid axes were
-    # renamed; test_kernels_lower_inside_shard_map_without_nvshmem), so sharded_lightning's per-device
-    # calls, default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh: one GPU here).
+    # Inside shard_map the backend declines (the walks failed there, "NVSHMEM is not supported in XLA",
+    # H200, jax 0.11.2, most likely through their grid axes' former names, see
+    # test_kernels_lower_inside_shard_map_without_nvshmem; not run there since), so sharded_lightning's
+    # per-device calls, default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh:
+    # one GPU here).
     _hopper()
     from shardattn.meshes import make_mesh
     from shardattn.sharded import sharded_lightning
