@@ -70,8 +70,9 @@ LOG2E = 1.4426950408889634
 DEFAULT_SMS = 132  # H100 SXM / H200; the device's own count is used when JAX reports it
 # The kernels' grid and warpgroup axis names. Mosaic GPU resolves lax.axis_index against the enclosing
 # shard_map mesh's axes first, so a kernel axis named like a mesh axis ("heads", as meshes.AXIS_NAMES has)
-# became that device's mesh index, read through NVSHMEM (nvshmem_my_pe), and the run failed inside
-# shard_map ("NVSHMEM is not supported in XLA", H200, jax 0.11.2). Names no mesh is expected to use:
+# became that device's mesh index, read through NVSHMEM (nvshmem_my_pe, seen in the cuda lowering): most
+# likely why the walks failed inside shard_map ("NVSHMEM is not supported in XLA", H200, jax 0.11.2).
+# Names no mesh is expected to use:
 _VS, _HEADS, _BATCH = "shardattn_mgpu_vs", "shardattn_mgpu_heads", "shardattn_mgpu_batch"
 _PROGRAMS, _WG = "shardattn_mgpu_programs", "shardattn_mgpu_wg"
 
@@ -99,8 +100,8 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
                                   f"capability 9.x); this GPU reports {capability!r}")
     if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
         # H200, jax 0.11.2: inside shard_map the walks failed at run time ("UNIMPLEMENTED: NVSHMEM is not
-        # supported in XLA"): their grid axis "heads" was read as the mesh axis of that name (see _VS
-        # above). With the kernel axes renamed they lower there without NVSHMEM (a CPU lowering test), but
+        # supported in XLA"), most likely because their grid axis "heads" was read as the mesh axis of
+        # that name (see _VS above). With the kernel axes renamed they lower there without NVSHMEM (a CPU lowering test), but
         # they have not run inside shard_map on a GPU yet, and this wrapper has no varying-axes casts
         raise NotImplementedError("the mosaic_gpu backend is not used inside shard_map: its kernels have "
                                   "not been run there on a GPU yet")
