@@ -101,8 +101,9 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
     if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
         # H200, jax 0.11.2: inside shard_map the walks failed at run time ("UNIMPLEMENTED: NVSHMEM is not
         # supported in XLA"), most likely because their grid axis "heads" was read as the mesh axis of
-        # that name (see _VS above). With the kernel axes renamed they lower there without NVSHMEM (a CPU lowering test), but
-        # they have not run inside shard_map on a GPU yet, and this wrapper has no varying-axes casts
+        # that name (see _VS above). With the kernel axes renamed they lower there without NVSHMEM (a CPU
+        # lowering test), but they have not run inside shard_map on a GPU yet, and this wrapper has no
+        # varying-axes casts
         raise NotImplementedError("the mosaic_gpu backend is not used inside shard_map: its kernels have "
                                   "not been run there on a GPU yet")
     for name, x in (("q", q), ("k", k), ("v", v)):
