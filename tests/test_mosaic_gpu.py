@@ -4,12 +4,13 @@ reference, its segment rule, the exact relaunch for non-finite inputs, and what 
 The `gpu` cases need a Hopper GPU (skipped elsewhere by tests/conftest.py); the others run on CPU.
 """
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
-from test_lightning import compare_with_reference, run_with_grads
+from test_lightning import SCALE, compare_with_reference, run_with_grads
 
 import shardattn
 from shardattn.kernels.lightning import mosaic_gpu, reference, triton
@@ -96,32 +97,86 @@ def test_chunk_kernel_lowers_for_cuda(B, T, H, Hkv):
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
-@pytest.mark.parametrize("kernel", ["walk", "g_walk", "chunk_kernel"])
-def test_kernels_lower_inside_shard_map_without_nvshmem(kernel):
-    # Mosaic GPU resolves lax.axis_index against the enclosing mesh's axes first: when the walks' grid axis
-    # was named "heads", as meshes.AXIS_NAMES has it, inside shard_map it became the device's mesh index,
-    # read through NVSHMEM (nvshmem_my_pe), which XLA does not support. The kernels' axis names are now
-    # their own; none of them may reach for a device index under a mesh with the usual names.
+@pytest.mark.parametrize("kernel", ["walk", "walk_from_states", "g_walk", "chunk_kernel"])
+def test_kernels_lower_inside_shard_map(kernel):
+    # Inside shard_map with check_vma=True, every input varying over a mesh axis (as sharded_lightning's
+    # per-device calls are), under a mesh with the usual axis names, each kernel lowers, without NVSHMEM:
+    # - Mosaic GPU resolves lax.axis_index against the enclosing mesh's axes first. When the walks' grid
+    #   axis was named "heads", as meshes.AXIS_NAMES has it, it became the device's mesh index, read
+    #   through NVSHMEM (nvshmem_my_pe), which XLA does not support. The kernels' axis names are their own.
+    # - A value loaded from an input's ref keeps the input's varying axes, a wgmma accumulator's has none:
+    #   the walks' loops from a loaded state (a segment's S_in, the G entering) failed to trace, their
+    #   carry types differing, until _walk_loop took their first step outside the loop.
     pytest.importorskip("jax_cuda12_plugin")
-    mesh = jax.make_mesh((1, 1, 1, 1), ("data", "seq", "heads", "batch"), devices=jax.devices()[:1])
-    B, T, H, D = 1, 512, 2, 128
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1, 1), ("data", "seq", "heads", "batch"))
+    B, T, H, D = 2, 512, 2, 128
     a = jax.ShapeDtypeStruct((B, T, H, D), BF16)
     sl = jax.ShapeDtypeStruct((H,), jnp.float32)
     st = jax.ShapeDtypeStruct((H, B * T // 64, D, D), BF16)
+    s0 = jax.ShapeDtypeStruct((B, H, 2, D, D), jnp.float32)
+    V, VS = P("data"), P(None, "data")
     cases = {
         "walk": (lambda q, k, v, s: mosaic_gpu._walk(q, k, v, s, None, scale=0.1, P=2, NW=2,
-                                                     store_states=True), (a, a, a, sl)),
-        "g_walk": (lambda q, do, s, g0: mosaic_gpu._g_walk_kernel(q, do, s, g0, scale=0.1, P=1, NW=1),
-                   (a, a, sl, jax.ShapeDtypeStruct((B, H, 1, D, D), jnp.float32))),
+                                                     store_states=True), (a, a, a, sl), (V,) * 4),
+        "walk_from_states": (lambda q, k, v, s, s0: mosaic_gpu._walk(q, k, v, s, s0, scale=0.1, P=2, NW=1),
+                             (a, a, a, sl, s0), (V,) * 5),
+        "g_walk": (lambda q, do, s, g0: mosaic_gpu._g_walk_kernel(q, do, s, g0, scale=0.1, P=2, NW=2),
+                   (a, a, sl, s0), (V,) * 4),
         "chunk_kernel": (lambda q, k, v, do, s, st, gt: mosaic_gpu._chunk_kernel(
-            q, k, v, do, s, st, gt, scale=0.1, num_programs=132), (a, a, a, a, sl, st, st)),
+            q, k, v, do, s, st, gt, scale=0.1, num_programs=132), (a, a, a, a, sl, st, st),
+            (V,) * 5 + (VS, VS)),
     }
-    f, args = cases[kernel]
-    inside = jax.shard_map(f, mesh=mesh, in_specs=tuple(jax.sharding.PartitionSpec() for _ in args),
-                           out_specs=jax.sharding.PartitionSpec(), check_vma=False)
+    f, args, specs = cases[kernel]
+    inside = jax.shard_map(f, mesh=mesh, in_specs=specs, out_specs=V, check_vma=True)
     text = jax.jit(inside).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "mosaic_gpu" in text
     assert "nvshmem" not in text and "xla_replica_ids" not in text
+
+
+@pytest.mark.parametrize("H", [4, 33], ids=["segmented", "unsegmented"])
+def test_traces_under_grad_inside_shard_map(monkeypatch, H):
+    # The whole backend (Mosaic kernels, Triton's first passes, relaunches and backward) under jax.grad
+    # inside shard_map with check_vma=True, q, k, v and the initial state varying, the slopes replicated;
+    # traced on CPU, nothing runs. Without the casts of the kernels' outputs (_launch) the custom_vjp's
+    # backward does not type-check ("the manual axis types do not match"); without _walk_loop the walks
+    # do not trace. The trace holds the three Mosaic kernels (forward walk, G walk, chunk kernel: one
+    # mpmd_map each) and the sum of the replicated slopes' gradient over the shards (psum_invariant).
+    pytest.importorskip("jax_triton")
+    pytest.importorskip("jax_cuda12_plugin")
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    monkeypatch.setattr(mosaic_gpu, "_check_supported", lambda *a: None)  # no GPU here
+    monkeypatch.setattr(triton, "_check_supported", lambda *a: None)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    B, T, D = 2, 512, 128
+    args = [jax.ShapeDtypeStruct((B, T, H, D), BF16)] * 3 + [
+        jax.ShapeDtypeStruct((H,), jnp.float32), jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)]
+
+    def per_device(q, k, v, slopes, s0):
+        return shardattn.lightning_attention(q, k, v, slopes=slopes, initial_state=s0, scale=0.3,
+                                             return_state=True, implementation="mosaic_gpu")
+
+    V = P("data")
+    f = jax.shard_map(per_device, mesh=mesh, in_specs=(V, V, V, P(), V), out_specs=(V, V), check_vma=True)
+    loss = lambda *x: sum(jnp.sum(o.astype(jnp.float32)) for o in f(*x))  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))(*args)
+    names = []
+
+    def walk(j):
+        for e in j.eqns:
+            names.append(e.primitive.name)
+            for p in e.params.values():
+                sub = getattr(p, "jaxpr", p)
+                if hasattr(sub, "eqns"):
+                    walk(sub)
+
+    walk(jaxpr.jaxpr)
+    assert names.count("mpmd_map") == 3, sorted(set(names))
+    assert "psum_invariant" in names
 
 
 def _chunk_states(q, k, v, do, slopes, dfinal, scale):
@@ -421,24 +476,102 @@ def test_nonfinite_is_causal():
     np.testing.assert_array_equal(by_pair(o_bad), by_pair(o_fin))
 
 
+SHARD_MAP_CASES = [
+    Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # two warpgroups, 4 segments (Triton's first pass)
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-warpgroup programs, unsegmented
+]
+
+
 @pytest.mark.gpu
-def test_declines_inside_shard_map():
-    # Inside shard_map the backend declines (the walks failed there, "NVSHMEM is not supported in XLA",
-    # H200, jax 0.11.2, most likely through their grid axes' former names, see
-    # test_kernels_lower_inside_shard_map_without_nvshmem; not run there since), so sharded_lightning's
-    # per-device calls, default or ("mosaic_gpu", "triton"), are the Triton backend's (a one-device mesh:
-    # one GPU here).
+@pytest.mark.parametrize("case", SHARD_MAP_CASES, ids=lambda c: c.id)
+def test_inside_shard_map_matches_reference(case):
+    # The backend inside jax.shard_map with check_vma=True (a one-device mesh: one GPU here), q, k, v and
+    # the initial state varying over the mesh axis (size 1, but typed as varying all the same), the slopes
+    # replicated: its kernels' outputs must be cast to the inputs' varying axes, else the custom_vjp's
+    # backward does not type-check ("the manual axis types do not match"), and the slopes to q's, so that
+    # their gradient is summed over the shards. implementation="mosaic_gpu" alone: a decline would raise
+    # instead of falling back to Triton.
+    _hopper()
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    x = make_inputs(case, 10, with_state=True)
+
+    def sharded(q, k, v, *, slopes, initial_state, **kw):
+        def per_device(q, k, v, slopes, initial_state):
+            return shardattn.lightning_attention(q, k, v, slopes=slopes, initial_state=initial_state, **kw)
+
+        spec = P("data")
+        return jax.shard_map(per_device, mesh=mesh, in_specs=(spec, spec, spec, P(), spec),
+                             out_specs=(spec, spec), check_vma=True)(q, k, v, slopes, initial_state)
+
+    results = helpers.run_with_grads(sharded, x, scale=SCALE, implementation="mosaic_gpu")
+    compare_with_reference(results, x, case.dtype)
+    # and the same values as the one-device call, up to the float rounding of a different XLA program
+    alone = run_with_grads("mosaic_gpu", x)
+    for name, got, want in [("o", results[0], alone[0]), ("final_state", results[1], alone[1])] + [
+            ("d" + n, results[2][n], alone[2][n]) for n in results[2]]:
+        assert_close(name, got, want, tolerance(case.dtype))
+
+
+@pytest.mark.gpu
+def test_sharded_lightning_serves_with_mosaic_gpu():
+    # sharded_lightning's per-device calls on the Mosaic kernels (batch and head axes; one GPU here),
+    # forward and gradients against the reference.
     _hopper()
     from shardattn.meshes import make_mesh
     from shardattn.sharded import sharded_lightning
 
     mesh = make_mesh(data=1, seq=1, heads=1, devices=jax.devices()[:1])
-    x = make_inputs(Case(B=2, T=512, H=4, Dk=128, dtype=BF16), 10, with_state=True)
-    kw = dict(slopes=x["slopes"], initial_state=x["initial_state"], scale=0.3, return_state=True)
-    with pytest.raises(NotImplementedError, match="inside shard_map"):
-        sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation="mosaic_gpu", **kw)
-    want = sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation="triton", **kw)
-    for impl in (None, ("mosaic_gpu", "triton")):
-        got = sharded_lightning(x["q"], x["k"], x["v"], mesh=mesh, implementation=impl, **kw)
-        for a, b in zip(got, want, strict=True):
-            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    case = SHARD_MAP_CASES[1]
+    x = make_inputs(case, 11, with_state=True)
+    results = helpers.run_with_grads(sharded_lightning, x, scale=SCALE, mesh=mesh,
+                                     implementation="mosaic_gpu")
+    compare_with_reference(results, x, case.dtype)
+
+
+STATE_CASES = [
+    Case(B=1, T=1024, H=4, Hkv=2, Dk=128, dtype=BF16),  # GQA; the walks run in 8 segments
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # unsegmented: Triton's state functions
+    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # 5 segments; fp16's state_gradient is Triton's
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", STATE_CASES, ids=lambda c: c.id)
+def test_state_functions_match_reference(case):
+    # local_state and state_gradient (a sequence shard's), from the launches of the walks' first passes.
+    _hopper()
+    x = make_inputs(case, 12)
+    q, k, v, slopes = x["q"], x["k"], x["v"], x["slopes"]
+    do = jax.random.normal(jax.random.PRNGKey(7), q.shape[:3] + (v.shape[3],)).astype(case.dtype)
+    tol = tolerance(case.dtype)
+    got = jax.jit(mosaic_gpu.local_state)(k, v, slopes)
+    assert_close("local_state", got, reference.local_state(k, v, slopes), tol)
+    got = jax.jit(lambda q, do, s: mosaic_gpu.state_gradient(q, do, s, scale=0.3))(q, do, slopes)
+    assert_close("state_gradient", got, reference.state_gradient(q, do, slopes, scale=0.3), tol)
+
+
+def _triton_launches(fn, *args):
+    return jax.jit(fn).lower(*args).compile().as_text().count('custom_call_target="triton_kernel_call"')
+
+
+@pytest.mark.gpu
+def test_sequence_shard_reads_k_v_once_for_its_states():
+    # In a sequence shard (local state, scan, backend from S_in) the local state's launch is the segmented
+    # walk's first pass, which XLA computes once: the shard's program launches no more Triton kernels
+    # than the forward alone (its first pass and the exact relaunch).
+    _hopper()
+    case = STATE_CASES[0]
+    x = make_inputs(case, 13, with_state=True)
+    slopes = x["slopes"]
+
+    def alone(q, k, v, s_in):
+        return mosaic_gpu.lightning_attention(q, k, v, slopes, s_in, scale=0.3)[0]
+
+    def shard(q, k, v, s_in):  # S_in from this shard's own local state (a stand-in for the scan)
+        return alone(q, k, v, s_in + 0.5 * mosaic_gpu.local_state(k, v, slopes))
+
+    args = (x["q"], x["k"], x["v"], x["initial_state"])
+    assert _triton_launches(shard, *args) == _triton_launches(alone, *args) >= 2

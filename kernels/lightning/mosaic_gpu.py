@@ -38,8 +38,8 @@ What this file does not do itself:
 
 Serves: an NVIDIA Hopper GPU (wgmma, TMA; compute capability 9.x), bf16 or fp16, Dk = 128 (at Dk = 64
 the Triton walk measured faster, so those calls are left to it), Dv a multiple of 64, T a multiple of
-64, no cu_seqlens, reverse=False, outside shard_map (not yet run inside it on a GPU, see _check_supported;
-sharded_lightning's per-device calls go to the Triton backend).
+64, no cu_seqlens, reverse=False; on one device or inside shard_map (sharded_lightning's per-device
+calls, whose outputs it types as varying like its inputs, as triton.py does).
 Anything else raises NotImplementedError (the API then tries the next backend). Signature and meaning
 as in reference.py.
 """
@@ -51,6 +51,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from shardattn.kernels.lightning import triton
+from shardattn.kernels.lightning.varying import match_varying, varying_axes
 
 CHUNK = 64
 BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per thread at Dk = 128
@@ -90,6 +91,24 @@ def _num_sms():
     return getattr(jax.devices()[0], "core_count", None) or DEFAULT_SMS
 
 
+def _launch(kernel, *inputs):
+    """kernel(*inputs) (a plgpu.kernel), its outputs typed as varying like the inputs: inside shard_map
+    plgpu.kernel types them as varying over no mesh axis (see varying.py; outside it a no-op). This runs
+    inside the custom_vjp rules, so the cast is never differentiated."""
+    arrays = [x for x in inputs if isinstance(x, jax.Array)]
+    return tuple(match_varying(o, *arrays) for o in kernel(*inputs))
+
+
+def _walk_loop(num_chunks, step, carry):
+    """lax.fori_loop(0, num_chunks, step, carry), with step 0 taken before the loop when carry (a state
+    loaded from an input) is typed as varying over mesh axes: inside shard_map a value loaded from an
+    input's ref keeps the input's varying axes, while a wgmma accumulator's (each step's result) has
+    none, and the loop's carry types must agree. Outside shard_map this is the plain loop."""
+    if not varying_axes(carry):
+        return lax.fori_loop(0, num_chunks, step, carry)
+    return lax.fori_loop(1, num_chunks, step, step(jnp.int32(0), carry))
+
+
 def _check_supported(q, k, v, cu_seqlens, reverse):
     if jax.default_backend() != "gpu":
         raise NotImplementedError(f"the mosaic_gpu backend needs a GPU; jax.default_backend() is "
@@ -98,14 +117,6 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
     if not str(capability).startswith("9"):
         raise NotImplementedError(f"the mosaic_gpu backend's walk is written for Hopper (wgmma, compute "
                                   f"capability 9.x); this GPU reports {capability!r}")
-    if getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()):
-        # H200, jax 0.11.2: inside shard_map the walks failed at run time ("UNIMPLEMENTED: NVSHMEM is not
-        # supported in XLA"), most likely because their grid axis "heads" was read as the mesh axis of
-        # that name (see _VS above). With the kernel axes renamed they lower there without NVSHMEM (a CPU
-        # lowering test), but they have not run inside shard_map on a GPU yet, and this wrapper has no
-        # varying-axes casts
-        raise NotImplementedError("the mosaic_gpu backend is not used inside shard_map: its kernels have "
-                                  "not been run there on a GPU yet")
     for name, x in (("q", q), ("k", k), ("v", v)):
         if jnp.dtype(x.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
             raise NotImplementedError(f"the mosaic_gpu backend takes bfloat16/float16, got {name}.dtype="
@@ -290,7 +301,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
                     pl.when(c + 1 < NC)(lambda: store_state(c + 1, nb))
                 return S
 
-            S = lax.fori_loop(0, NC, step, S)
+            S = _walk_loop(NC, step, S)
             sf_ref.at[b, h, seg, :, vcols][...] = S  # from registers (no shared-memory buffer for it)
             plgpu.wait_smem_to_gmem(0)
 
@@ -325,7 +336,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
             collective_axes=_WG,
         )  # fmt: skip
 
-    return plgpu.kernel(
+    walk = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((B, T, H, DV), dtype), jax.ShapeDtypeStruct((B, H, P, DK, DV), f32),
                   jax.ShapeDtypeStruct((H, B * T // C, DK, DV) if store_states else (1,), dtype)),
@@ -334,7 +345,8 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
         num_threads=NW + 1,
         thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
+    )
+    return _launch(walk, q, k, v, slopes, jnp.zeros((1,), f32) if s0 is None else s0)
 
 
 def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
@@ -399,7 +411,7 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
                 plgpu.barrier_arrive(freed.at[slot])
                 return G
 
-            G = lax.fori_loop(0, NC, step, G)
+            G = _walk_loop(NC, step, G)
             gout_ref.at[b, h, seg, :, vcols][...] = G
             plgpu.wait_smem_to_gmem(0)
 
@@ -430,7 +442,7 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
             collective_axes=_WG,
         )  # fmt: skip
 
-    return plgpu.kernel(
+    walk = plgpu.kernel(
         entry,
         out_type=(jax.ShapeDtypeStruct((H, B * T // C, DK, DV), dtype),
                   jax.ShapeDtypeStruct((B, H, P, DK, DV), f32)),
@@ -439,7 +451,8 @@ def _g_walk_kernel(q, do, slopes, g0, *, scale, P, NW):
         num_threads=NW + 1,
         thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
-    )(q, do, slopes, g0)
+    )
+    return _launch(walk, q, do, slopes, g0)
 
 
 def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
@@ -621,13 +634,15 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
                         sg = t if sg is None else sg + t
                     dov = read(0, 2)  # q k^T and dO S_in^T may still run
                     bm = jnp.where(causal, dov * intra, 0.0).astype(dtype)
-                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j). Written
-                    # with the lag array computed once at the top of the step and the mask selected after the
-                    # product, the kernel ran 1.17x / 1.15x longer (b4-t8k / b2-t16k; H200, copy 3840 GB/s,
-                    # benchmarks/results/h200_lightning_mosaic_chunk_kernel_review_mend_2026-12-02.json). A
+                    # the pairs within the chunk: scale sum_j (i-j) lam^(i-j) (q_i . k_j)(dO_i . v_j). A
                     # non-finite dO v^T entry j > i reaches this row's sum through 0 * NaN; its dO_i or v_j
                     # then also makes dq_i or dk_j non-finite, so the item is flagged and recomputed by
-                    # Triton's kernel (_chunks) in any case
+                    # Triton's kernel (_chunks), which applies the rule. Forms that apply it here ran longer
+                    # (H200, b4-t8k / b2-t16k): dO v^T selected too, 1.09x / 1.08x (bit-identical outputs,
+                    # copy 3798 GB/s); the product selected, 1.16x / 1.15x (copy 3879 GB/s,
+                    # benchmarks/results/h200_lightning_mosaic_dev_session11_2026-12-02.json), and with the
+                    # lag array computed once at the top of the step as well, 1.17x / 1.15x (copy 3840 GB/s,
+                    # benchmarks/results/h200_lightning_mosaic_chunk_kernel_review_mend_2026-12-02.json)
                     a_m = jnp.where(causal, read(2, 1) * intra, 0.0)
                     ds_pairs = scale * ((rows - cols).astype(f32) * a_m * dov).sum(axis=1)
                     return bm, read(1, 0), sg, ds_pairs
@@ -815,7 +830,7 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         jax.ShapeDtypeStruct((NITEMS, 2, C), f32),  # wg 0 rows
         jax.ShapeDtypeStruct((NITEMS, 3, C), f32),  # wg 1 rows
     )
-    return plgpu.kernel(
+    launch = plgpu.kernel(
         entry,
         out_type=out_type,
         grid=(NP,),
@@ -824,7 +839,8 @@ def _chunk_kernel(q, k, v, do, slopes, states, gstates, *, scale, num_programs, 
         thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({} if interpret is None else {"interpret": interpret}),
-    )(q, k, v, do, slopes, states, gstates)
+    )
+    return _launch(launch, q, k, v, do, slopes, states, gstates)
 
 
 def _chunks(opts, blocks, q, k, v, do, slopes, states, gstates, cu_seqlens):
@@ -905,6 +921,58 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     _check_supported(q, k, v, cu_seqlens, reverse)
     triton._check_supported(q, k, v)  # the first pass, the exact relaunch and the gradients are Triton's
     opts = triton.Options(scale=float(scale), reverse=False)
-    # (Never inside shard_map, see _check_supported: no varying-axes casts, unlike triton.py.)
-    initial_state = None if initial_state is None else initial_state.astype(jnp.float32)
-    return _lightning(q, k, v, slopes.astype(jnp.float32), initial_state, None, opts)
+    # Replicated slopes / initial states vary like q inside shard_map; autodiff of this cast psums their
+    # per-shard gradients (see varying.py), as in triton.py.
+    slopes = match_varying(slopes.astype(jnp.float32), q)
+    if initial_state is not None:
+        initial_state = match_varying(initial_state.astype(jnp.float32), q)
+    return _lightning(q, k, v, slopes, initial_state, None, opts)
+
+
+# ------------------------------------------------------------------ sequence parallelism (reference.py)
+# A sequence shard (shardattn.sharded.sequence_shard) takes its local state, and in its backward its G,
+# from these, then runs this backend from S_in. Where this backend's walks run segmented, these use the
+# very launches of the walks' first passes (Triton's, with the segments of _plan), which XLA then computes
+# once (CSE); Triton's own local_state / state_gradient cut segments as Triton's walks do, and without
+# these a Mosaic sequence shard read k, v (and q, dO) once more. Where the walks run unsegmented, and for
+# fp16's gradients (Triton's backward; and under differentiation Triton's forward, whose first pass then
+# differs from local_state's), they are Triton's.
+
+
+def local_state(k, v, slopes, *, reverse=False):
+    """sum_j lam^(T-1-p_j) k_j^T v_j per query head from zero: [B, H, Dk, Dv] float32 (reference.py).
+    Raises NotImplementedError where this backend's forward does not serve (then Triton's serves)."""
+    _check_supported(k, k, v, None, reverse)
+    triton._check_supported(k, k, v)
+    B, T, _, DK = k.shape
+    H, DV = slopes.shape[0], v.shape[3]
+    _, P = _plan(B, H, DV, T // CHUNK)
+    if P == 1:
+        return triton.local_state(k, v, slopes)
+    blocks = triton.BlockSizes.get_default(DK, DV, k.dtype)
+    BV_first = min(blocks.fwd_bv, triton._pow2(DV))  # as _forward's first pass
+    TSEG = T // P
+    s_seg = triton._segment_states(k, v, jnp.asarray(slopes, jnp.float32), False, blocks, P, TSEG, BV_first)
+    after = [T - (s + 1) * TSEG for s in range(P)]  # tokens processed after segment s
+    return jnp.sum(triton._segment_weights(slopes, after) * s_seg, axis=2)
+
+
+def state_gradient(q, do, slopes, *, scale, reverse=False):
+    """scale * sum_i lam^(p_i+1) q_i^T dO_i per head: [B, H, Dk, Dv] float32 (reference.py). Raises
+    NotImplementedError where this backend's forward does not serve (then Triton's serves)."""
+    do = do.astype(q.dtype)
+    _check_supported(q, q, do, None, reverse)
+    triton._check_supported(q, q, do)
+    B, T, H, DK = q.shape
+    DV = do.shape[3]
+    _, P = _plan(B, H, DV, T // CHUNK)
+    if P == 1 or triton._state_dtype(q.dtype) != q.dtype:  # fp16: Triton's backward (_lightning_bwd)
+        return triton.state_gradient(q, do, slopes, scale=scale)
+    blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)
+    BK_first, _, BV_first, _, _, _ = triton._g_walk_blocks(B, H, T, DK, DV, blocks, split=True)  # _g_walk's
+    TSEG = T // P
+    g_seg = triton._segment_gradients(q, do, jnp.asarray(slopes, jnp.float32), float(scale), False, blocks,
+                                      BK_first, BV_first, P, TSEG)
+    before = [s * TSEG for s in range(P)]  # tokens processed before segment s
+    return jnp.sum(triton._segment_weights(slopes, before) * g_seg, axis=2)
+
