@@ -121,7 +121,7 @@ def measure_shard(P_, T, args):
     fns = shard_programs(args.heads, args.head_dim, args.impl, P_)
     row = {"devices": P_, "T": T, "tokens_per_device": T // P_, "scan": "emulated", "emulated": True}
     for name, fn in fns.items():
-        row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
+        row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats, inner=args.inner)
         # Kernel launches in the compiled program (Triton custom calls): shows whether XLA computed the
         # shard's local-state pass and the kernel's own segment pass once (CSE) or twice.
         hlo = fn.lower(q, k, v).compile().as_text()
@@ -137,7 +137,7 @@ def measure(P_, T, scan, args):
     for name, fn in fns.items():
         if (name.startswith("local") and P_ == 1) or (name.startswith("bare") and P_ > 1):
             continue
-        row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats)
+        row[f"{name}_ms"] = time_call(fn, q, k, v, warmup=args.warmup, repeats=args.repeats, inner=args.inner)
     if P_ == 1:  # what wrapping one device in sharded_lightning costs
         row["overhead_fwd"] = row["fwd_ms"] / row["bare_fwd_ms"] - 1
         row["overhead_fwdbwd"] = row["fwdbwd_ms"] / row["bare_fwdbwd_ms"] - 1
@@ -209,6 +209,9 @@ def main():
     parser.add_argument("--longest-child", default=None, help=argparse.SUPPRESS)  # "P,scan,start_T"
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
+    # Single calls of ~0.5 ms (32K tokens) read up to 30 % apart between programs of the same work, and
+    # within 2.2 % as rounds of 5 back-to-back calls (H200, 2026-12-02; README, "Scaling across devices").
+    parser.add_argument("--inner", type=int, default=5, help="back-to-back calls per timed round")
     parser.add_argument("--emulate", default="", help="shard counts P to emulate on one device, e.g. 2,8")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on 8 fake CPU devices")
     parser.add_argument("--out", default=None, help="JSON path")
@@ -220,7 +223,7 @@ def main():
         return
     if args.smoke:
         args.weak, args.strong, args.heads, args.head_dim, args.dtype = "256", "1024", 2, 16, "float32"
-        args.warmup, args.repeats = 1, 2
+        args.warmup, args.repeats, args.inner = 1, 2, 1
 
     n = jax.device_count()
     counts = [int(c) for c in args.devices.split(",")] if args.devices else sorted({1, n})
