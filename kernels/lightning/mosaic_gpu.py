@@ -164,6 +164,26 @@ def _plan(B, H, DV, num_chunks):
     return nw, best
 
 
+def _first_pass_blocks(DK, DV, dtype):
+    """(Triton block sizes, Dv block) of the forward's first pass over the segments (Triton's states-only
+    walk): one place for _forward and local_state, whose equal launches XLA computes once."""
+    blocks = triton.BlockSizes.get_default(DK, DV, dtype)
+    return blocks, min(blocks.fwd_bv, triton._pow2(DV))
+
+
+def _g_first_pass_blocks(B, H, T, DK, DV, blocks):
+    """(Dk block, Dv block) of the G walk's first pass over the segments: one place for _g_walk and
+    state_gradient, as _first_pass_blocks."""
+    BK, _, BV, _, _, _ = triton._g_walk_blocks(B, H, T, DK, DV, blocks, split=True)
+    return BK, BV
+
+
+def _mosaic_backward(dtype):
+    """Whether the Mosaic forward stores the chunk states and the Mosaic backward kernels serve: where
+    Triton keeps them in the input dtype (bf16; fp16's are float32, which could overflow otherwise)."""
+    return triton._state_dtype(dtype) == dtype
+
+
 def _iota(shape, dim, layout):
     _, plgpu = _plgpu()
     return plgpu.layout_cast(lax.broadcasted_iota(jnp.int32, shape, dim), layout)
@@ -461,7 +481,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     B, T, H, DK = q.shape
     DV = do.shape[3]
     NW, P = _plan(B, H, DV, T // CHUNK)
-    BK_first, _, BV_first, _, _, _ = triton._g_walk_blocks(B, H, T, DK, DV, blocks, split=True)
+    BK_first, BV_first = _g_first_pass_blocks(B, H, T, DK, DV, blocks)
     entering = triton.segment_entering_gradients(q, do, slopes, dfinal, opts, blocks, BK_first, BV_first, P,
                                                  T // P)
     g0 = entering if P > 1 else entering[:, :, None]
@@ -869,8 +889,7 @@ def _forward(q, k, v, slopes, s0, scale, store_states=False):
     DV = v.shape[3]
     NW, P = _plan(B, H, DV, T // CHUNK)
     if P > 1:  # Triton's segment scan (its states-only first pass reads k, v once)
-        blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)
-        BV_first = min(blocks.fwd_bv, triton._pow2(DV))
+        blocks, BV_first = _first_pass_blocks(DK, DV, q.dtype)
         s0_walk = triton.segment_incoming(k, v, slopes, s0, False, blocks, P, T // P, BV_first)
     else:
         s0_walk = None if s0 is None else s0[:, :, None]
@@ -894,7 +913,7 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     # the Triton backend's chunk-parallel backward. Triton keeps them in the input dtype only for bf16
     # (float32 for fp16, which could overflow): fp16 takes Triton's forward here.
     blocks = triton.BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
-    if not blocks.bwd_parallel or triton._state_dtype(q.dtype) != q.dtype:
+    if not blocks.bwd_parallel or not _mosaic_backward(q.dtype):
         return triton._lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)
     o, final, states = _forward(q, k, v, slopes, initial_state, opts.scale, store_states=True)
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
@@ -904,7 +923,7 @@ def _lightning_bwd(opts, residuals, cotangents):
     # Triton's chunk-parallel backward with the Mosaic G walk and, at Dv = 128, the Mosaic chunk kernel,
     # where the chunk states are in the input dtype (bf16: the Mosaic forward stored them); else Triton's.
     q, v = residuals[0], residuals[2]
-    if triton._state_dtype(q.dtype) != q.dtype:
+    if not _mosaic_backward(q.dtype):
         return triton._lightning_bwd(opts, residuals, cotangents)
     chunks = _chunks if v.shape[3] == q.shape[3] == 128 else None
     return triton._lightning_bwd(opts, residuals, cotangents, g_walk=_g_walk, chunks=chunks)
@@ -949,8 +968,7 @@ def local_state(k, v, slopes, *, reverse=False):
     _, P = _plan(B, H, DV, T // CHUNK)
     if P == 1:
         return triton.local_state(k, v, slopes)
-    blocks = triton.BlockSizes.get_default(DK, DV, k.dtype)
-    BV_first = min(blocks.fwd_bv, triton._pow2(DV))  # as _forward's first pass
+    blocks, BV_first = _first_pass_blocks(DK, DV, k.dtype)
     TSEG = T // P
     s_seg = triton._segment_states(k, v, jnp.asarray(slopes, jnp.float32), False, blocks, P, TSEG, BV_first)
     after = [T - (s + 1) * TSEG for s in range(P)]  # tokens processed after segment s
@@ -966,10 +984,10 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
     B, T, H, DK = q.shape
     DV = do.shape[3]
     _, P = _plan(B, H, DV, T // CHUNK)
-    if P == 1 or triton._state_dtype(q.dtype) != q.dtype:  # fp16: Triton's backward (_lightning_bwd)
+    if P == 1 or not _mosaic_backward(q.dtype):  # fp16: Triton's backward
         return triton.state_gradient(q, do, slopes, scale=scale)
     blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)
-    BK_first, _, BV_first, _, _, _ = triton._g_walk_blocks(B, H, T, DK, DV, blocks, split=True)  # _g_walk's
+    BK_first, BV_first = _g_first_pass_blocks(B, H, T, DK, DV, blocks)
     TSEG = T // P
     g_seg = triton._segment_gradients(q, do, jnp.asarray(slopes, jnp.float32), float(scale), False, blocks,
                                       BK_first, BV_first, P, TSEG)
