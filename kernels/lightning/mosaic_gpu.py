@@ -59,6 +59,13 @@ BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per 
 # 0.20 ms on b4-t8k, H200, copy 3804 GB/s; two: 3 slots would not fit in shared memory)
 STAGES = {1: 3, 2: 2}
 COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the memory one keeps 40
+# A one-warpgroup walk split in two (_walk's split): a state warpgroup and an output warpgroup, their
+# registers per thread (setmaxnreg: 232 + 232 + the memory warpgroup's 40 is the most three may take), and
+# the shared-memory copies of S_in between them, by whether the walk also stores them to HBM
+SPLIT_ROLES = True
+SPLIT_REGISTERS = (232, 232)
+SPLIT_STATES = {False: 3, True: 3}
+SPLIT_STAGES = {False: 3, True: 3}
 # the backward's chunk kernel: shared-memory slots of q, k, v, dO and of S_in, G (2 x 4 x 16 KiB + 2 x 32 KiB
 # of 227 KiB at D = 128; a second S_in, G slot does not fit next to two of the others)
 CHUNK_SLOTS, STATE_SLOTS = 2, 1
@@ -217,7 +224,7 @@ def _stream(issue, freed, stages, num_chunks):
         issue(c + stages, slot)
 
 
-def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
+def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False, split=None):
     """The Mosaic walk: o [B, T, H, Dv] and every segment's final state [B, H, P, Dk, Dv] float32;
     segment p (T // P tokens) starts from s0[:, :, p] (zeros when s0 is None). A program has NW compute
     warpgroups (one per Dv block of 64, sharing the q and k slots) and one memory warpgroup.
@@ -231,7 +238,12 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
     C, G, stages = CHUNK, H // HKV, STAGES[NW]
     NV = DV // (BV * NW)  # programs per (sequence, head, segment)
     NC = T // (C * P)  # chunks per segment
-    NS = 2 if store_states else 1  # shared-memory copies of S per compute warpgroup
+    split = (SPLIT_ROLES if split is None else split) and NW == 1
+    if split:
+        stages = min(SPLIT_STAGES[store_states], NC)
+    # shared-memory copies of S per Dv block: split, a ring the output warpgroup reads behind the state one
+    NS = (SPLIT_STATES[store_states] if split else 2 if store_states else 1)
+    NWG = 2 if split else NW  # compute warpgroups
     dtype, f32 = q.dtype, jnp.float32
     wgmma = plgpu.Layout.WGMMA
     row = plgpu.Layout.WGMMA.reduce(1)
@@ -337,22 +349,149 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
 
             _stream(issue, freed, stages, NC)
 
+    def split_kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, scoped):
+        # NW = 1, the walk's two chains on two warpgroups: the state one (wg 0) walks S_out = lam^C S_in +
+        # k^T (lam^(C-1-j) v_j) and hands S_in of every chunk through a ring of NS shared-memory copies
+        # (sready / sfree) to the output one (wg 1), which computes o from it; each runs ahead of or
+        # behind the other by up to NS - 1 chunks, so per chunk the SM spends the longer chain, not both.
+        (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed, (sready, sfree) = scoped
+        b = lax.axis_index(_BATCH)
+        h = lax.axis_index(_HEADS)
+        seg = lax.axis_index(_VS)  # (segment, Dv block), Dv fastest
+        seg, iv = lax.div(seg, jnp.array(NV, seg.dtype)), lax.rem(seg, jnp.array(NV, seg.dtype))
+        hk = lax.div(h, jnp.array(G, h.dtype))
+        c0 = seg * NC
+        wg = lax.axis_index(_WG)
+        vcols = pl.ds(iv * BV, BV)
+        v_w, vb_w, s_w, vd_w, o_w = v_s, vb, s_s, vd_s, o_s  # (one Dv block's: per_wg below)
+
+        @pl.when(wg == 0)
+        def _state():
+            plgpu.set_max_registers(SPLIT_REGISTERS[0], action="increase")
+            neg = -sl_ref[h] * LOG2E
+            r = iota((C,), 0, row).astype(f32)
+            k_decay = lax.broadcast_in_dim(jnp.exp2((C - 1.0 - r) * neg), (C, BV), [0])  # lam^(C-1-j)
+            lam_c = jnp.exp2(neg * C)
+            if s0 is None:
+                S = plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
+            else:
+                S = load(s0_ref.at[b, h, seg, :, vcols], wgmma)
+
+            def publish(c, S):  # S_in of chunk c (of the segment) into s_w[c % NS], and to HBM if stored
+                sb = c % NS if isinstance(c, int) else lax.rem(c, NS)
+                if not isinstance(c, int):  # (chunk 0's copy is free)
+
+                    @pl.when(c >= NS)
+                    def _():
+                        plgpu.barrier_wait(sfree.at[sb])  # the output warpgroup is done with S_in(c - NS)
+
+                if store_states:  # and so is the store of S_in(c - NS), the oldest of NS in flight
+                    plgpu.wait_smem_to_gmem(NS - 1, wait_read_only=True)
+                s_w.at[sb][...] = S.astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_arrive(sready.at[sb])
+                if store_states:
+                    plgpu.copy_smem_to_gmem(s_w.at[sb], st_ref.at[h, b * (T // C) + c0 + c, :, vcols])
+
+            publish(0, S)
+
+            def step(c, S):
+                slot = lax.rem(c, stages)
+                plgpu.barrier_wait(vb_w.at[slot])
+                vd_w[...] = (v_w.at[slot][...].astype(f32) * k_decay).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.barrier_wait(kb.at[slot])
+
+                def update(refs):
+                    plgpu.wgmma(refs[0], transposed(k_s.at[slot]), vd_w)
+
+                (S,) = pl.run_state(update)((plgpu.ACC.init(lam_c * S),))
+                plgpu.barrier_arrive(freed.at[slot])
+                pl.when(c + 1 < NC)(lambda: publish(c + 1, S))
+                return S
+
+            S = _walk_loop(NC, step, S)
+            sf_ref.at[b, h, seg, :, vcols][...] = S
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 1)
+        def _output():
+            plgpu.set_max_registers(SPLIT_REGISTERS[1], action="increase")
+            neg = -sl_ref[h] * LOG2E
+            rows = iota((C, C), 0, wgmma)
+            cols = iota((C, C), 1, wgmma)
+            causal = rows >= cols
+            intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
+            r = iota((C,), 0, row).astype(f32)
+            q_decay = lax.broadcast_in_dim(jnp.exp2((r + 1.0) * neg), (C, BV), [0])  # lam^(i+1)
+
+            @pl.loop(0, NC)
+            def _(c):
+                slot, sb, ob = lax.rem(c, stages), lax.rem(c, NS), lax.rem(c, 2)
+                plgpu.barrier_wait(qb.at[slot])
+                plgpu.barrier_wait(kb.at[slot])
+
+                def dots(refs):
+                    (o_acc,) = refs
+
+                    def q_dots(qk_acc, qs_acc):
+                        plgpu.wgmma(qk_acc, q_s.at[slot], transposed(k_s.at[slot]))  # needs no state
+                        plgpu.barrier_wait(sready.at[sb])
+                        plgpu.wgmma(qs_acc, q_s.at[slot], s_w.at[sb])
+                        qk = plgpu.wgmma_accumulator_load(qk_acc, wait_n=1)  # q S_in may still run
+                        # the causal mask is selected, never multiplied (as in kernel above)
+                        return jnp.where(causal, qk * intra, 0.0).astype(dtype), qs_acc[...]
+
+                    scores, qs = pl.run_scoped(q_dots, plgpu.ACC((C, C), f32), plgpu.ACC((C, BV), f32))
+                    plgpu.barrier_arrive(sfree.at[sb])
+                    o_acc[...] = q_decay * qs
+                    plgpu.barrier_wait(vb_w.at[slot])
+                    plgpu.wgmma(o_acc, scores, v_w.at[slot])
+
+                zeros = plgpu.layout_cast(jnp.zeros((C, BV), f32), wgmma)
+                (o,) = pl.run_state(dots)((plgpu.ACC.init(zeros),))
+                plgpu.barrier_arrive(freed.at[slot])
+                plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the store from o_w[ob] two chunks ago
+                o_w.at[ob][...] = (o * scale).astype(dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_w.at[ob], o_ref.at[b, pl.ds((c0 + c) * C, C), h, vcols])
+
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            def issue(c, slot):
+                rows_ = pl.ds((c0 + c) * C, C)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, rows_, h], q_s.at[slot], qb.at[slot])
+                plgpu.copy_gmem_to_smem(k_ref.at[b, rows_, hk], k_s.at[slot], kb.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, rows_, hk, vcols], v_w.at[slot], vb_w.at[slot])
+
+            _stream(issue, freed, stages, NC)
+
     def entry(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref):
         tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+        # v, S, o buffers per compute warpgroup's Dv block; split, one block's, unindexed (a ref viewed at a
+        # static index inside run_state's body carries the index as a constant, which Mosaic GPU's
+        # lowering of run_state's outputs rejects: "Shaped arrays must be represented by ir.Values")
+        per_wg = () if split else (NW,)
         smem = [
             plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # q
             plgpu.SMEM((stages, C, DK), dtype, transforms=tiled),  # k
-            plgpu.SMEM((NW, stages, C, BV), dtype, transforms=tiled),  # v, per compute warpgroup
-            plgpu.SMEM((NW, NS, DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
-            plgpu.SMEM((NW, C, BV), dtype, transforms=tiled),  # lam^(C-1-j) v_j, for the update
-            plgpu.SMEM((NW, 2, C, BV), dtype, transforms=tiled),  # o, two chunks in flight to HBM
+            plgpu.SMEM(per_wg + (stages, C, BV), dtype, transforms=tiled),  # v
+            plgpu.SMEM(per_wg + (NS, DK, BV), dtype, transforms=tiled),  # S_in in bf16/fp16, for q S_in
+            plgpu.SMEM(per_wg + (C, BV), dtype, transforms=tiled),  # lam^(C-1-j) v_j, for the update
+            plgpu.SMEM(per_wg + (2, C, BV), dtype, transforms=tiled),  # o, two chunks in flight to HBM
         ]
+        body = split_kernel if split else kernel
+        # split: the state and the output warpgroup hand S_in over (sready, sfree)
+        handover = ((plgpu.Barrier(num_barriers=NS), plgpu.Barrier(num_barriers=NS)),) if split else ()
         pl.run_scoped(
-            lambda *args: kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, args),
+            lambda *args: body(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, args),
             smem,
             (plgpu.Barrier(num_barriers=stages), plgpu.Barrier(num_barriers=stages),
-             plgpu.Barrier(num_barriers=(NW, stages))),
-            plgpu.Barrier(num_arrivals=NW, num_barriers=stages),
+             plgpu.Barrier(num_barriers=per_wg + (stages,))),
+            plgpu.Barrier(num_arrivals=NWG, num_barriers=stages),
+            *handover,
             collective_axes=_WG,
         )  # fmt: skip
 
@@ -362,7 +501,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False):
                   jax.ShapeDtypeStruct((H, B * T // C, DK, DV) if store_states else (1,), dtype)),
         grid=(NV * P, H, B),
         grid_names=(_VS, _HEADS, _BATCH),
-        num_threads=NW + 1,
+        num_threads=NWG + 1,
         thread_name=_WG,
         compiler_params=plgpu.CompilerParams(approx_math=True),
     )
