@@ -51,10 +51,11 @@ def test_plan(monkeypatch, B, H, Dv, chunks, sms, want):
     assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES[NW] and (P == 1 or items * P <= sms)
 
 
+@pytest.mark.parametrize("split", [True, False], ids=["split", "fused"])
 @pytest.mark.parametrize("nw,P,Dv,with_state,store", [(1, 1, 128, False, False), (2, 4, 128, True, False),
                                                       (1, 2, 192, True, False), (1, 1, 128, False, True),
                                                       (2, 4, 128, True, True)])
-def test_walk_lowers_for_cuda(nw, P, Dv, with_state, store):
+def test_walk_lowers_for_cuda(nw, P, Dv, with_state, store, split):
     # The Mosaic GPU lowering (layouts, transforms, shared-memory fit) on any machine with jaxlib's CUDA
     # plugin installed, no GPU needed (a development check; CI has no plugin and skips it).
     pytest.importorskip("jax_cuda12_plugin")
@@ -63,7 +64,7 @@ def test_walk_lowers_for_cuda(nw, P, Dv, with_state, store):
     s0 = jax.ShapeDtypeStruct((B, H, P, Dk, Dv), jnp.float32) if with_state else None
 
     def walk(q, k, v, slopes, s0):
-        return mosaic_gpu._walk(q, k, v, slopes, s0, scale=0.1, P=P, NW=nw, store_states=store)
+        return mosaic_gpu._walk(q, k, v, slopes, s0, scale=0.1, P=P, NW=nw, store_states=store, split=split)
 
     lowered = jax.jit(walk).trace(a, a, av, jax.ShapeDtypeStruct((H,), jnp.float32), s0)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()

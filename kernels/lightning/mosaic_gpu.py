@@ -15,7 +15,11 @@ operand of q S_in). Per chunk all of its dots are in flight at once: the update 
 accumulated in place onto lam^C S; q k^T; q S_in; then P v onto lam^(i+1) q S_in as soon as q k^T is
 back. The Triton walk (triton.py) waits for each dot in turn, one walk per SM; here one walk's loads
 overlap its dots, and with NW = 2 the SM has a second walk to run while one waits: that is what makes
-the Mosaic walk faster at Dk = 128 (benchmarks/RESULTS_mosaic_gpu.md).
+the Mosaic walk faster at Dk = 128 (benchmarks/RESULTS_mosaic_gpu.md). With NW = 1 the one walk is split
+over two compute warpgroups (SPLIT_ROLES): a state warpgroup runs the update chain and hands S_in of each
+chunk to an output warpgroup through a ring of shared-memory copies; the output warpgroup runs q k^T,
+q S_in and P v. Per chunk the SM then spends the longer chain, not both: b4-t8k forward 0.182 ms against
+0.206-0.209 for one warpgroup doing both (H200, copy 3457-3873 GB/s), outputs bit-identical.
 
 Few (sequence, head) pairs are cut into P segments as in triton.py: Triton's states-only first pass
 gives each segment's local state, a P-step scan in JAX the state entering each, and the Mosaic walk
@@ -60,8 +64,12 @@ BV = 64  # Dv columns per program: a [Dk, 64] float32 state is 64 registers per 
 STAGES = {1: 3, 2: 2}
 COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the memory one keeps 40
 # A one-warpgroup walk split in two (_walk's split): a state warpgroup and an output warpgroup, their
-# registers per thread (setmaxnreg: 232 + 232 + the memory warpgroup's 40 is the most three may take), and
-# the shared-memory copies of S_in between them, by whether the walk also stores them to HBM
+# registers per thread (setmaxnreg: 232 + 232 + the memory warpgroup's 40 is the most three may take), the
+# shared-memory copies of S_in between them and the q, k, v slots, by whether the walk also stores S_in
+# to HBM. Measured on b4-t8k (H200, copy 3873 GB/s, forward / storing forward ms,
+# benchmarks/results/h200_lightning_mosaic_split_walk_tuning_2026-12-02.json): 2 copies 0.182 / 0.307,
+# 3 copies 0.178 / 0.306, 4 slots 0.190, registers 216/248 or 248/216 0.183 / 0.182; one warpgroup doing
+# both 0.206 / 0.309. The storing forward is bound by its stores either way.
 SPLIT_ROLES = True
 SPLIT_REGISTERS = (232, 232)
 SPLIT_STATES = {False: 3, True: 3}
