@@ -249,9 +249,9 @@ FORWARD_CASES = [
     Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # two warpgroups, 4 segments
     Case(B=1, T=4096, H=2, Dk=128, dtype=BF16),  # two warpgroups, 32 segments of 2 chunks
     Case(B=1, T=1024, H=8, Hkv=2, Dk=128, dtype=BF16),  # GQA; two warpgroups, 8 segments
-    Case(B=2, T=256, H=2, Dk=128, Dv=192, dtype=BF16),  # three Dv blocks: one warpgroup
+    Case(B=2, T=256, H=2, Dk=128, Dv=192, dtype=BF16),  # three Dv blocks: one per program (split walk)
     Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # two warpgroups, 5 segments
-    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-warpgroup programs: one, unsegmented
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-block programs (split walk), unsegmented
     Case(B=1, T=256, H=66, Dk=128, Dv=256, dtype=BF16),  # two warpgroups x 2 programs per pair
 ]
 
@@ -276,7 +276,7 @@ def test_forward_matches_reference(case, with_state):
 
 GRAD_CASES = [
     Case(B=1, T=1024, H=4, Hkv=2, Dk=128, dtype=BF16),  # GQA; two warpgroups, 8 segments
-    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-warpgroup programs, unsegmented
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-block programs (split walk), unsegmented
     Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # fp16: Triton's forward (float32 chunk states)
 ]
 
@@ -479,7 +479,7 @@ def test_nonfinite_is_causal():
 
 SHARD_MAP_CASES = [
     Case(B=2, T=512, H=4, Dk=128, dtype=BF16),  # two warpgroups, 4 segments (Triton's first pass)
-    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-warpgroup programs, unsegmented
+    Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # 132 one-block programs (split walk), unsegmented
 ]
 
 
