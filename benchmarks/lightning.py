@@ -12,9 +12,14 @@ time of back-to-back calls, CUDA events around each call, and its GPU time, the 
 the CUDA kernels one call launches (torch.profiler). PyTorch spends much host time launching fla's
 kernels, so the first two overstate what fla costs inside a training step whose host work runs ahead:
 the ratios against fla use its GPU time (`fwd_ms` / `fwd_bwd_ms` of the fla rows; the other two are kept
-as `*_events_ms` / `*_wall_ms`). Ours is the wall time of back-to-back jitted calls: one executable per
-call, so host time hides behind the GPU's. XLA_PYTHON_CLIENT_PREALLOCATE=false lets JAX and PyTorch
-share the GPU.
+as `*_events_ms` / `*_wall_ms`). Ours is timed two ways: the wall time of back-to-back jitted calls
+(`fwd_ms` / `fwd_bwd_ms`), and on a GPU also its GPU time the same way as fla's, the sum of the
+durations of the GPU activities one call launches, from a jax.profiler (CUPTI) trace (`fwd_gpu` /
+`fwd_bwd_gpu`, with the span of those activities and the host's dispatch time per call beside it: see
+timing.gpu_time_ms). The ratio lines give both: ours by wall time ÷ fla's GPU time (ours charged with
+any idle gaps between its kernels), and GPU time ÷ GPU time. The copy bandwidth is measured both ways
+too, and the floor beside a GPU time uses the copy kernel's GPU time. XLA_PYTHON_CLIENT_PREALLOCATE=false
+lets JAX and PyTorch share the GPU.
 """
 
 import argparse
@@ -48,6 +53,7 @@ def _inputs(w, seed=0):
 
 
 def time_jax(impl, w, warmup, rounds, inner):
+    import jax
     from timing import time_fwd_bwd
 
     import shardattn
@@ -58,7 +64,8 @@ def time_jax(impl, w, warmup, rounds, inner):
     def attn(q, k, v):
         return shardattn.lightning_attention(q, k, v, slopes=slopes, implementation=impl)
 
-    return time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner)
+    return time_fwd_bwd(attn, q, k, v, do, warmup=warmup, rounds=rounds, inner=inner,
+                        gpu_time=jax.default_backend() == "gpu")  # fmt: skip
 
 
 # Block-size variants of the Triton backend tried by --sweep (fields of triton.BlockSizes).
@@ -244,8 +251,9 @@ def main(argv=None):
 
     device = jax.devices()[0]
     bw = copy_bandwidth_gbs()
+    bw_gpu = copy_bandwidth_gbs(gpu_time=True) if jax.default_backend() == "gpu" else None
     print(f"device: {device.device_kind} ({jax.default_backend()}); copy bandwidth {bw:.0f} GB/s "
-          f"(read + write)", flush=True)
+          f"(read + write; by the copy kernel's GPU time {bw_gpu or float('nan'):.0f} GB/s)", flush=True)
     sweep_rows = sweep(names, [v for v in args.sweep.split(",") if v], args.warmup, args.rounds,
                        args.inner) if args.sweep else []
     rows = []
@@ -258,6 +266,8 @@ def main(argv=None):
             except Exception as err:  # one failing backend must not lose the others' figures
                 print(f"{name} {impl}: failed: {type(err).__name__}: {str(err)[:500]}", flush=True)
                 r = {"fwd_ms": None, "fwd_bwd_ms": None, "error": f"{type(err).__name__}: {str(err)[:500]}"}
+            if bw_gpu:  # the floor at the bandwidth the copy kernel's GPU time gives, for GPU times
+                r["floor_fwd_gpu_ms"] = w.bytes_qkvo() / (bw_gpu * 1e9) * 1e3
             rows.append(dict(workload=name, impl=impl, floor_fwd_ms=floor_ms, **r))
             print(f"  {name:18s} {impl:9s} fwd {r['fwd_ms'] or float('nan'):8.3f} ms  "
                   f"fwd+bwd {r['fwd_bwd_ms'] or float('nan'):8.3f} ms", flush=True)
@@ -267,8 +277,9 @@ def main(argv=None):
                 rows.append(dict(workload=name, impl="fla", floor_fwd_ms=WORKLOADS[name].bytes_qkvo()
                                  / (bw * 1e9) * 1e3, **fla[name]))
 
-    print(f"\n{device.device_kind}, copy bandwidth {bw:.0f} GB/s; fla rows: GPU time (kernel sum), "
-          "events and wall time beside it")
+    print(f"\n{device.device_kind}, copy bandwidth {bw:.0f} GB/s (by GPU time {bw_gpu or float('nan'):.0f}); "
+          "fla rows: GPU time (kernel sum), events and wall time beside it; ours: wall time, GPU time "
+          "beside it")
     print(f"{'workload':18s} {'impl':9s} {'fwd ms':>8s} {'fwd+bwd ms':>10s} {'floor ms':>8s} "
           f"{'fwd/floor':>9s}")
     for r in rows:
@@ -278,6 +289,11 @@ def main(argv=None):
         if r["impl"] == "fla":
             extra = (f"  (events {r['fwd_events_ms']:.3f} / {r['fwd_bwd_events_ms']:.3f}, "
                      f"wall {r['fwd_wall_ms']:.3f} / {r['fwd_bwd_wall_ms']:.3f})")
+        elif "fwd_gpu" in r:
+            g, gb = r["fwd_gpu"], r["fwd_bwd_gpu"]
+            extra = (f"  (GPU time {g['kernel_ms']:.3f} / {gb['kernel_ms']:.3f}, "
+                     f"{g['kernel_ms'] / r['floor_fwd_gpu_ms']:.2f}x its floor; span {g['span_ms']:.3f} / "
+                     f"{gb['span_ms']:.3f}, dispatch {g['dispatch_ms']:.3f} / {gb['dispatch_ms']:.3f})")
         print(f"{r['workload']:18s} {r['impl']:9s} {f or float('nan'):8.3f} {fb or float('nan'):10.3f} "
               f"{r['floor_fwd_ms']:8.3f} {ratio:9.2f}{extra}")
 
@@ -287,8 +303,12 @@ def main(argv=None):
         for impl in [i for i in args.impl.split(",") if i]:
             t = by.get((name, impl))
             if t and f and t["fwd_ms"] and t["fwd_bwd_ms"]:
-                print(f"{name:18s} {impl} / fla (GPU time): fwd {t['fwd_ms'] / f['fwd_ms']:.2f}x, "
-                      f"fwd+bwd {t['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x")
+                gpu = ""
+                if "fwd_gpu" in t:
+                    gpu = (f"; GPU time / fla GPU time: fwd {t['fwd_gpu']['kernel_ms'] / f['fwd_ms']:.2f}x, "
+                           f"fwd+bwd {t['fwd_bwd_gpu']['kernel_ms'] / f['fwd_bwd_ms']:.2f}x")
+                print(f"{name:18s} {impl}: wall / fla GPU time: fwd {t['fwd_ms'] / f['fwd_ms']:.2f}x, "
+                      f"fwd+bwd {t['fwd_bwd_ms'] / f['fwd_bwd_ms']:.2f}x{gpu}")
 
     if args.out:
         result = {
@@ -296,6 +316,7 @@ def main(argv=None):
             "backend": jax.default_backend(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "copy_bandwidth_gbs": bw,
+            "copy_bandwidth_gpu_time_gbs": bw_gpu,
             "versions": {"python": platform.python_version(), "jax": jax.__version__,
                          "jaxlib": _version("jaxlib"), "jax-triton": _version("jax-triton"),
                          "triton": _version("triton"), **((fla or {}).get("_versions", {}))},
