@@ -384,11 +384,13 @@ def sequence_shard(plan, q, k, v, slopes, initial_state, step):
     return _backend(plan, q, k, v, slopes, _incoming_state(plan, k, v, slopes, initial_state, step))
 
 
-def _incoming_state(plan, k, v, slopes, initial_state, step):
-    """The state this shard's backend call starts from: the initial state at step 0, else S_in."""
+def _incoming_state(plan, k, v, slopes, initial_state, step, differentiated=False):
+    """The state this shard's backend call starts from: the initial state at step 0, else S_in.
+    differentiated: the backend call is the forward of a differentiated shard (local_state's)."""
     a, a_pow = _shard_decay(slopes, k.shape[1])
     # S_loc = sum_j lam^(n-1-p_j) k_j^T v_j from zero; shard 0 also carries the initial state through.
-    s_loc = _state_function(plan, "local_state", k, v, slopes, reverse=plan.reverse)
+    s_loc = _state_function(plan, "local_state", k, v, slopes, reverse=plan.reverse,
+                            differentiated=differentiated)  # fmt: skip
     s_loc = s_loc + jnp.where(step == 0, a[..., None, None] * initial_state, 0.0)
     s_in = _scan(plan, a, s_loc, step, a_pow, backward=False)
     return jnp.where(step == 0, initial_state, s_in)
@@ -397,7 +399,7 @@ def _incoming_state(plan, k, v, slopes, initial_state, step):
 def _sequence_shard_fwd(plan, q, k, v, slopes, initial_state, step):
     # Under differentiation only (a plain forward runs sequence_shard itself, whose backend call keeps
     # nothing for a backward pass).
-    init = _incoming_state(plan, k, v, slopes, initial_state, step)
+    init = _incoming_state(plan, k, v, slopes, initial_state, step, differentiated=True)
     out, backend_vjp = jax.vjp(functools.partial(_backend, plan), q, k, v, slopes, init)
     return out, (backend_vjp, q, slopes, step)
 

@@ -4,12 +4,15 @@ reference, its segment rule, the exact relaunch for non-finite inputs, and what 
 The `gpu` cases need a Hopper GPU (skipped elsewhere by tests/conftest.py); the others run on CPU.
 """
 
+import functools
+
 import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import Case, assert_close, make_inputs, tolerance
+from jax import lax
 from test_lightning import SCALE, compare_with_reference, run_with_grads
 
 import shardattn
@@ -29,23 +32,27 @@ def test_declines_off_gpu():
 
 
 @pytest.mark.parametrize(
-    "B,H,Dv,chunks,sms,want",
+    "B,H,Dv,chunks,sms,split_segments,want",
     [
-        (4, 16, 128, 128, 132, (1, 1)),  # b4-t8k: 128 one-warpgroup programs fill the GPU unsegmented
-        (2, 64, 128, 256, 132, (2, 1)),  # b2-t16k: 256 would take two waves; two warpgroups, 128 programs
-        (1, 16, 128, 512, 132, (2, 8)),  # b1-t32k: 8 segments of 64 chunks
-        (1, 16, 128, 2048, 132, (2, 8)),  # b1-t128k
-        (1, 2, 128, 64, 132, (2, 32)),  # segments of 2 chunks: as short as two slots allow
-        (1, 2, 192, 64, 132, (1, 16)),  # Dv 192: one warpgroup; 6 items x 16 (not 21: it must divide 64)
-        (1, 2, 64, 5, 132, (1, 1)),  # fewer than 2 x 3 chunks: never segmented
+        (4, 16, 128, 128, 132, True, (1, 1)),  # b4-t8k: 128 one-block programs fill the GPU unsegmented
+        (4, 16, 128, 128, 132, False, (1, 1)),
+        (2, 64, 128, 256, 132, True, (2, 1)),  # b2-t16k: 256 would take two waves; two blocks, 128 programs
+        (1, 16, 128, 512, 132, True, (1, 4)),  # b1-t32k: the split walk, 4 segments of 128 chunks
+        (1, 16, 128, 512, 132, False, (2, 8)),  # the G walk's plan: two blocks, 8 segments of 64 chunks
+        (1, 16, 128, 2048, 132, True, (1, 4)),  # b1-t128k
+        (1, 16, 128, 2048, 132, False, (2, 8)),
+        (1, 2, 128, 64, 132, True, (1, 16)),  # 4 one-block items x 16 segments (32 leave 2 chunks < 3 slots)
+        (1, 2, 128, 64, 132, False, (2, 32)),  # segments of 2 chunks: as short as two slots allow
+        (1, 2, 192, 64, 132, False, (1, 16)),  # Dv 192: one block; 6 items x 16 (not 21: it must divide 64)
+        (1, 2, 64, 5, 132, True, (1, 1)),  # fewer than 2 x 3 chunks: never segmented
     ],
 )
-def test_plan(monkeypatch, B, H, Dv, chunks, sms, want):
+def test_plan(monkeypatch, B, H, Dv, chunks, sms, split_segments, want):
     class Device:
         core_count = sms
 
     monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
-    NW, P = mosaic_gpu._plan(B, H, Dv, chunks)
+    NW, P = mosaic_gpu._plan(B, H, Dv, chunks, split_segments=split_segments)
     assert (NW, P) == want
     items = B * H * Dv // (mosaic_gpu.BV * NW)
     assert chunks % P == 0 and chunks // P >= mosaic_gpu.STAGES[NW] and (P == 1 or items * P <= sms)
@@ -83,6 +90,56 @@ def test_g_walk_lowers_for_cuda(nw, P):
 
     lowered = jax.jit(walk).trace(a, a, jax.ShapeDtypeStruct((H,), jnp.float32), g0)
     assert "mosaic_gpu" in lowered.lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.parametrize("differentiated", [True, False])
+def test_shard_state_pass_is_the_training_forwards_for_cuda(monkeypatch, differentiated):
+    # Lowered for CUDA without a GPU (a development check, as above; also needs jax-triton): a
+    # differentiated sequence shard's local_state(differentiated=True) launches the very first pass of
+    # the storing forward's segments (the plans differ: the plain forward's split walk takes 4 segments
+    # here, the storing one 8), so XLA computes it once; with differentiated=False it is another launch.
+    # (On the GPU, test_sequence_shard_reads_k_v_once_for_its_states counts the compiled launches.)
+    pytest.importorskip("jax_cuda12_plugin")
+    triton_lib = pytest.importorskip("jax_triton.triton_lib")
+    import re
+
+    monkeypatch.setattr(triton_lib.triton_kernel_call_lib, "get_compute_capability", lambda device: 90)
+    monkeypatch.setattr(mosaic_gpu, "_check_supported", lambda *a, **k: None)
+    monkeypatch.setattr(triton, "_check_supported", lambda *a, **k: None)
+    monkeypatch.setattr(mosaic_gpu, "_num_sms", lambda: 132)
+    B, T, H, D = 1, 1024, 4, 128
+    assert mosaic_gpu._plan(B, H, D, T // 64) == (1, 4)
+    assert mosaic_gpu._plan(B, H, D, T // 64, split_segments=False) == (2, 8)
+    q, kv = (jax.ShapeDtypeStruct((B, T, h, D), BF16) for h in (H, 2))
+    s_in = jax.ShapeDtypeStruct((B, H, D, D), jnp.float32)
+    slopes = jnp.linspace(0.1, 1.0, H).astype(jnp.float32)
+    opts = triton.Options(scale=0.3, reverse=False)
+
+    def training(with_local_state):
+        def run(q, k, v, s_in, do):
+            def attn(q, k, v):
+                init = s_in
+                if with_local_state:
+                    k_, v_ = lax.stop_gradient(k), lax.stop_gradient(v)
+                    init = init + 0.5 * mosaic_gpu.local_state(k_, v_, slopes, differentiated=differentiated)
+                return mosaic_gpu._lightning(q, k, v, slopes, init, None, opts)[0]
+
+            o, pullback = jax.vjp(attn, q, k, v)
+            return o, pullback(do)
+
+        return run
+
+    def launches(fn):
+        text = jax.jit(fn).trace(q, kv, kv, s_in, q).lower(lowering_platforms=("cuda",)).as_text()
+        return [re.search(r'backend_config = "([^"]*)"', line).group(1) + line.rsplit(":", 1)[-1]
+                for line in text.splitlines() if "triton_kernel_call" in line]  # fmt: skip
+
+    alone, shard = launches(training(False)), launches(training(True))
+    extra = list(shard)
+    for launch in alone:
+        extra.remove(launch)  # every launch of the shard's own forward and backward is there
+    assert len(extra) == 1  # local_state's
+    assert (extra[0] in alone) == differentiated
 
 
 @pytest.mark.parametrize("B,T,H,Hkv", [(1, 512, 2, 2), (2, 1024, 4, 2)])
@@ -439,7 +496,7 @@ def test_nonfinite_is_causal():
     # A bad k_j or v_j reaches outputs p >= j of its sequence and kv head's query heads, nothing before:
     # the Mosaic walk alone would spread a bad v_j to the whole chunk; the exact relaunch must undo that.
     _hopper()
-    case = Case(B=3, T=2048, H=4, Hkv=2, Dk=128, dtype=BF16)  # 12 pairs: two warpgroups, 8 segments
+    case = Case(B=3, T=2048, H=4, Hkv=2, Dk=128, dtype=BF16)  # 12 pairs: the split walk, 4 segments
     assert mosaic_gpu._plan(case.B, case.H, 128, case.T // 64)[1] > 1
     x = make_inputs(case, 9, with_state=True)
     y = dict(x)
@@ -533,9 +590,9 @@ def test_sharded_lightning_serves_with_mosaic_gpu():
 
 
 STATE_CASES = [
-    Case(B=1, T=1024, H=4, Hkv=2, Dk=128, dtype=BF16),  # GQA; the walks run in 8 segments
+    Case(B=1, T=1024, H=4, Hkv=2, Dk=128, dtype=BF16),  # GQA; segmented: 4 (split walk) or 8 (storing)
     Case(B=2, T=512, H=33, Dk=128, dtype=BF16),  # unsegmented: Triton's state functions
-    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # 5 segments; fp16's state_gradient is Triton's
+    Case(B=1, T=640, H=4, Dk=128, dtype=jnp.float16),  # 2 segments; fp16's training forward is Triton's
 ]
 
 
@@ -548,8 +605,9 @@ def test_state_functions_match_reference(case):
     q, k, v, slopes = x["q"], x["k"], x["v"], x["slopes"]
     do = jax.random.normal(jax.random.PRNGKey(7), q.shape[:3] + (v.shape[3],)).astype(case.dtype)
     tol = tolerance(case.dtype)
-    got = jax.jit(mosaic_gpu.local_state)(k, v, slopes)
-    assert_close("local_state", got, reference.local_state(k, v, slopes), tol)
+    for differentiated in (False, True):  # (the two forwards' plans: the first passes differ)
+        got = jax.jit(functools.partial(mosaic_gpu.local_state, differentiated=differentiated))(k, v, slopes)
+        assert_close(f"local_state {differentiated=}", got, reference.local_state(k, v, slopes), tol)
     got = jax.jit(lambda q, do, s: mosaic_gpu.state_gradient(q, do, s, scale=0.3))(q, do, slopes)
     assert_close("state_gradient", got, reference.state_gradient(q, do, slopes, scale=0.3), tol)
 
@@ -576,3 +634,22 @@ def test_sequence_shard_reads_k_v_once_for_its_states():
 
     args = (x["q"], x["k"], x["v"], x["initial_state"])
     assert _triton_launches(shard, *args) == _triton_launches(alone, *args) >= 2
+
+    # Differentiated, the walk stores S_in with its own plan, and local_state(differentiated=True) shares
+    # that first pass (forward and backward: the vjp's program)
+    do = jax.random.normal(jax.random.PRNGKey(14), x["q"].shape).astype(case.dtype)
+
+    def vjp_of(fn):
+        def run(q, k, v, s_in):
+            o, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, s_in), q, k, v)
+            return o, pullback(do)
+
+        return run
+
+    def shard_training(q, k, v, s_in):
+        # (values only, as in sharded.py's custom_vjp rules)
+        k_, v_ = lax.stop_gradient(k), lax.stop_gradient(v)
+        s_loc = mosaic_gpu.local_state(k_, v_, slopes, differentiated=True)
+        return alone(q, k, v, s_in + 0.5 * s_loc)
+
+    assert _triton_launches(vjp_of(shard_training), *args) == _triton_launches(vjp_of(alone), *args)

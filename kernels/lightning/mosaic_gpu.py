@@ -71,6 +71,7 @@ COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the
 # 3 copies 0.178 / 0.306, 4 slots 0.190, registers 216/248 or 248/216 0.183 / 0.182; one warpgroup doing
 # both 0.206 / 0.309. The storing forward is bound by its stores either way.
 SPLIT_ROLES = True
+SPLIT_SEGMENTS = True  # _plan: segmented walks take the split walk too (measured: _plan's docstring)
 SPLIT_REGISTERS = (232, 232)
 SPLIT_STATES = {False: 3, True: 3}
 SPLIT_STAGES = {False: 3, True: 3}
@@ -154,23 +155,29 @@ def _check_supported(q, k, v, cu_seqlens, reverse):
         raise NotImplementedError("the mosaic_gpu backend does not take reverse=True")
 
 
-def _plan(B, H, DV, num_chunks):
+def _plan(B, H, DV, num_chunks, split_segments=None):
     """(compute warpgroups per program, segments per sequence) for B x H sequences of num_chunks chunks.
 
     A program with two compute warpgroups walks two Dv blocks of one (sequence, head, segment), sharing
     its q and k slots: the SM then has a second walk to run while one waits, and reads q, k once. That
     needs enough programs to fill the GPU, from (sequence, head) pairs or from segments (whose first pass
     costs one more read of k, v). Measured on an H200, copy 3797 GB/s (benchmarks/RESULTS_mosaic_gpu.md,
-    step 4), forward ms:
+    step 4), forward ms, before the split walk:
     b2-t16k (128 pairs, Dv 128) 0.61 with two warpgroups against 0.80 with one; b1-t32k 0.29 (two, 8
     segments) against 0.32 (one, 4 segments); b1-t128k 1.01 against 1.13; but b4-t8k (64 pairs, whose
     128 one-warpgroup programs fill the GPU unsegmented) 0.20 with one against 0.28 with two and 2
     segments. So: one warpgroup where its programs fill 7/8 of the SMs in one wave without segments,
     else two (when Dv is a multiple of 128) with the most segments that keep one wave.
+
+    split_segments (default SPLIT_SEGMENTS; the forward walk's plan, not the G walk's, which has one
+    chain and nothing to split): where segments are needed anyway, one Dv block per program, walked by
+    the split walk (_walk's split), with the most segments that keep one wave.
     """
     sms = _num_sms()
     one = B * H * (DV // BV)
-    nw = 2 if DV % (2 * BV) == 0 and not (sms * 7 // 8 <= one <= sms) else 1
+    split_segments = SPLIT_SEGMENTS if split_segments is None else split_segments
+    fills = sms * 7 // 8 <= one <= sms
+    nw = 2 if DV % (2 * BV) == 0 and not fills and not (split_segments and SPLIT_ROLES and one < sms) else 1
     items = B * H * (DV // (BV * nw))
     best = 1
     for p in range(1, num_chunks // STAGES[nw] + 1):
@@ -197,6 +204,12 @@ def _mosaic_backward(dtype):
     """Whether the Mosaic forward stores the chunk states and the Mosaic backward kernels serve: where
     Triton keeps them in the input dtype (bf16; fp16's are float32, which could overflow otherwise)."""
     return triton._state_dtype(dtype) == dtype
+
+
+def _mosaic_training_forward(DK, DV, dtype):
+    """Whether under differentiation the Mosaic forward runs (storing S_in), not Triton's: the Triton
+    backend's chunk-parallel backward must be on and read states in the input dtype."""
+    return triton.BlockSizes.get_default(DK, DV, dtype).bwd_parallel and _mosaic_backward(dtype)
 
 
 def _iota(shape, dim, layout):
@@ -627,7 +640,7 @@ def _g_walk(opts, blocks, q, do, slopes, dfinal, cu_seqlens, state_dtype):
     the forward's (_plan; Triton's first pass and the scan in JAX give the G entering each)."""
     B, T, H, DK = q.shape
     DV = do.shape[3]
-    NW, P = _plan(B, H, DV, T // CHUNK)
+    NW, P = _plan(B, H, DV, T // CHUNK, split_segments=False)
     BK_first, BV_first = _g_first_pass_blocks(B, H, T, DK, DV, blocks)
     entering = triton.segment_entering_gradients(q, do, slopes, dfinal, opts, blocks, BK_first, BV_first, P,
                                                  T // P)
@@ -1034,7 +1047,9 @@ def _forward(q, k, v, slopes, s0, scale, store_states=False):
     [H, B * T // C, Dk, Dv] in the input dtype (else None): segment scan, Mosaic walk, exact relaunch."""
     B, T, H, DK = q.shape
     DV = v.shape[3]
-    NW, P = _plan(B, H, DV, T // CHUNK)
+    # (storing S_in, the split walk did not gain: the two-block plan's walk reads q, k once, and its plan
+    # is the one local_state(differentiated=True) takes)
+    NW, P = _plan(B, H, DV, T // CHUNK, split_segments=SPLIT_SEGMENTS and not store_states)
     if P > 1:  # Triton's segment scan (its states-only first pass reads k, v once)
         blocks, BV_first = _first_pass_blocks(DK, DV, q.dtype)
         s0_walk = triton.segment_incoming(k, v, slopes, s0, False, blocks, P, T // P, BV_first)
@@ -1059,8 +1074,7 @@ def _lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts):
     # Under differentiation the walk also stores S_in of every chunk, as triton._lightning_fwd does, for
     # the Triton backend's chunk-parallel backward. Triton keeps them in the input dtype only for bf16
     # (float32 for fp16, which could overflow): fp16 takes Triton's forward here.
-    blocks = triton.BlockSizes.get_default(q.shape[3], v.shape[3], q.dtype)
-    if not blocks.bwd_parallel or not _mosaic_backward(q.dtype):
+    if not _mosaic_training_forward(q.shape[3], v.shape[3], q.dtype):
         return triton._lightning_fwd(q, k, v, slopes, initial_state, cu_seqlens, opts)
     o, final, states = _forward(q, k, v, slopes, initial_state, opts.scale, store_states=True)
     return (o, final), (q, k, v, slopes, initial_state, cu_seqlens, states)
@@ -1101,18 +1115,22 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
 # very launches of the walks' first passes (Triton's, with the segments of _plan), which XLA then computes
 # once (CSE); Triton's own local_state / state_gradient cut segments as Triton's walks do, and without
 # these a Mosaic sequence shard read k, v (and q, dO) once more. Where the walks run unsegmented, and for
-# fp16's gradients (Triton's backward; and under differentiation Triton's forward, whose first pass then
-# differs from local_state's), they are Triton's.
+# fp16's gradients (Triton's backward; and under differentiation Triton's forward), they are Triton's.
+# The forward's plan differs under differentiation (_forward: the storing walk takes two blocks per
+# program where the plain one is split), so local_state is told which forward it shares a pass with.
 
 
-def local_state(k, v, slopes, *, reverse=False):
+def local_state(k, v, slopes, *, reverse=False, differentiated=False):
     """sum_j lam^(T-1-p_j) k_j^T v_j per query head from zero: [B, H, Dk, Dv] float32 (reference.py).
+    differentiated: the shard's forward is differentiated (the walk then stores S_in, with its own plan).
     Raises NotImplementedError where this backend's forward does not serve (then Triton's serves)."""
     _check_supported(k, k, v, None, reverse)
     triton._check_supported(k, k, v)
     B, T, _, DK = k.shape
     H, DV = slopes.shape[0], v.shape[3]
-    _, P = _plan(B, H, DV, T // CHUNK)
+    if differentiated and not _mosaic_training_forward(DK, DV, k.dtype):  # Triton's forward runs then
+        return triton.local_state(k, v, slopes)
+    _, P = _plan(B, H, DV, T // CHUNK, split_segments=SPLIT_SEGMENTS and not differentiated)
     if P == 1:
         return triton.local_state(k, v, slopes)
     blocks, BV_first = _first_pass_blocks(DK, DV, k.dtype)
@@ -1130,7 +1148,7 @@ def state_gradient(q, do, slopes, *, scale, reverse=False):
     triton._check_supported(q, q, do)
     B, T, H, DK = q.shape
     DV = do.shape[3]
-    _, P = _plan(B, H, DV, T // CHUNK)
+    _, P = _plan(B, H, DV, T // CHUNK, split_segments=False)  # the G walk's
     if P == 1 or not _mosaic_backward(q.dtype):  # fp16: Triton's backward
         return triton.state_gradient(q, do, slopes, scale=scale)
     blocks = triton.BlockSizes.get_default(DK, DV, q.dtype)

@@ -101,7 +101,10 @@ def lightning_attention(q, k, v, slopes, initial_state=None, cu_seqlens=None, *,
     return o.astype(out_dtype), final
 
 
-def local_state(k, v, slopes, *, reverse=False):
+def local_state(k, v, slopes, *, reverse=False, differentiated=False):
+    # differentiated: whether the sequence shard asking is differentiated, so that a backend whose
+    # forward plans its launches differently then (mosaic_gpu) can share its first pass; the value is
+    # the same either way, and backends without such a plan ignore it.
     B, T, _, Dk = k.shape
     q = jnp.zeros((B, T, slopes.shape[0], Dk), jnp.float32)  # o is not needed, only the state
     return lightning_attention(q, k, v, slopes, scale=1.0, reverse=reverse)[1]

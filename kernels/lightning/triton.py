@@ -1053,7 +1053,7 @@ def _segment_weights(slopes, exponents):
     return jnp.exp(-slopes[:, None] * e[None, :])[None, :, :, None, None]
 
 
-def local_state(k, v, slopes, *, reverse=False):
+def local_state(k, v, slopes, *, reverse=False, differentiated=False):
     """sum_j lam^(T-1-p_j) k_j^T v_j per query head from zero: [B, H, Dk, Dv] float32 (reference.py).
 
     k: [B, T, Hkv, Dk]  v: [B, T, Hkv, Dv]  slopes: [H]. The forward kernel's states-only walk (k, v

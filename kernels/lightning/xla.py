@@ -197,7 +197,7 @@ def _processing_position(T, reverse):
     return T - 1 - pos if reverse else pos
 
 
-def local_state(k, v, slopes, *, reverse=False):
+def local_state(k, v, slopes, *, reverse=False, differentiated=False):
     T = k.shape[1]
     p = _processing_position(T, reverse)
     weights = jnp.exp(-slopes[None, :].astype(jnp.float32) * (T - 1 - p[:, None]))  # [T, H]
