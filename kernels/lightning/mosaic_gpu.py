@@ -69,9 +69,10 @@ COMPUTE_REGISTERS = 232  # per thread of the compute warpgroup (setmaxnreg); the
 # to HBM. Measured on b4-t8k (H200, copy 3873 GB/s, forward / storing forward ms,
 # benchmarks/results/h200_lightning_mosaic_split_walk_tuning_2026-12-02.json): 2 copies 0.182 / 0.307,
 # 3 copies 0.178 / 0.306, 4 slots 0.190, registers 216/248 or 248/216 0.183 / 0.182; one warpgroup doing
-# both 0.206 / 0.309. The storing forward is bound by its stores either way.
+# both 0.206 / 0.309. The storing forward gains nothing split; it moves its floor's bytes either way
+# (ncu, benchmarks/RESULTS_mosaic_gpu.md, session 13).
 SPLIT_ROLES = True
-SPLIT_SEGMENTS = True  # _plan: segmented walks take the split walk too (measured: _plan's docstring)
+SPLIT_SEGMENTS = True  # _plan: segmented plain forwards take the split walk too (measured: _plan's docstring)
 SPLIT_REGISTERS = (232, 232)
 SPLIT_STATES = {False: 3, True: 3}
 SPLIT_STAGES = {False: 3, True: 3}
@@ -169,9 +170,13 @@ def _plan(B, H, DV, num_chunks, split_segments=None):
     segments. So: one warpgroup where its programs fill 7/8 of the SMs in one wave without segments,
     else two (when Dv is a multiple of 128) with the most segments that keep one wave.
 
-    split_segments (default SPLIT_SEGMENTS; the forward walk's plan, not the G walk's, which has one
-    chain and nothing to split): where segments are needed anyway, one Dv block per program, walked by
-    the split walk (_walk's split), with the most segments that keep one wave.
+    split_segments (default SPLIT_SEGMENTS; the plain forward's plan, not the storing forward's or the G
+    walk's, which has one chain and nothing to split): where segments are needed anyway, one Dv block
+    per program, walked by the split walk (_walk's split), with the most segments that keep one wave.
+    Measured on an H200 by GPU time (copy 4282 GB/s by the copy kernel's GPU time,
+    benchmarks/results/h200_lightning_mosaic_segment_plans_2026-12-02.json), two blocks and 8 segments
+    against one block and 4: b1-t32k forward 0.265 / 0.248 ms, b1-t128k 0.982 / 0.961; with the storing
+    forward split too, forward+backward 1.068 / 1.066 and 4.044 / 4.132, so that one keeps two blocks.
     """
     sms = _num_sms()
     one = B * H * (DV // BV)
