@@ -275,6 +275,31 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False, split=None):
     row = plgpu.Layout.WGMMA.reduce(1)
     iota, transposed, load = _iota, _transposed, _load
 
+    def constants(sl_ref, h, *, output, state):
+        """A compute warpgroup's per-head constants (causal, intra, q_decay, k_decay, lam_c): for the
+        output chain the causal mask, lam^(i-j) and lam^(i+1); for the state chain lam^(C-1-j) and lam^C
+        (None for the chain not asked for)."""
+        neg = -sl_ref[h] * LOG2E  # log2(lam)
+        causal = intra = q_decay = k_decay = lam_c = None
+        if output:
+            rows = iota((C, C), 0, wgmma)
+            cols = iota((C, C), 1, wgmma)
+            causal = rows >= cols
+            # lam^(i-j) for j <= i; the exponent is masked before exp2, so nothing overflows
+            intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
+        r = iota((C,), 0, row).astype(f32)
+        if output:
+            q_decay = lax.broadcast_in_dim(jnp.exp2((r + 1.0) * neg), (C, BV), [0])  # lam^(i+1)
+        if state:
+            k_decay = lax.broadcast_in_dim(jnp.exp2((C - 1.0 - r) * neg), (C, BV), [0])  # lam^(C-1-j)
+            lam_c = jnp.exp2(neg * C)
+        return causal, intra, q_decay, k_decay, lam_c
+
+    def initial_state(s0_ref, b, h, seg, vcols):  # S entering the segment: [Dk, 64] float32, WGMMA layout
+        if s0 is None:
+            return plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
+        return load(s0_ref.at[b, h, seg, :, vcols], wgmma)
+
     def kernel(q_ref, k_ref, v_ref, sl_ref, s0_ref, o_ref, sf_ref, st_ref, scoped):
         (q_s, k_s, v_s, s_s, vd_s, o_s), (qb, kb, vb), freed = scoped
         b = lax.axis_index(_BATCH)
@@ -294,21 +319,8 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False, split=None):
             # this warpgroup's own buffers (q and k slots are shared)
             v_w, vb_w, s_w, vd_w, o_w = v_s.at[wg], vb.at[wg], s_s.at[wg], vd_s.at[wg], o_s.at[wg]
             plgpu.set_max_registers(COMPUTE_REGISTERS, action="increase")
-            neg = -sl_ref[h] * LOG2E  # log2(lam)
-            rows = iota((C, C), 0, wgmma)
-            cols = iota((C, C), 1, wgmma)
-            causal = rows >= cols
-            # lam^(i-j) for j <= i; the exponent is masked before exp2, so nothing overflows
-            intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
-            r = iota((C,), 0, row).astype(f32)
-            q_decay = lax.broadcast_in_dim(jnp.exp2((r + 1.0) * neg), (C, BV), [0])  # lam^(i+1)
-            k_decay = lax.broadcast_in_dim(jnp.exp2((C - 1.0 - r) * neg), (C, BV), [0])  # lam^(C-1-j)
-            lam_c = jnp.exp2(neg * C)
-
-            if s0 is None:
-                S = plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
-            else:
-                S = load(s0_ref.at[b, h, seg, :, vcols], wgmma)
+            causal, intra, q_decay, k_decay, lam_c = constants(sl_ref, h, output=True, state=True)
+            S = initial_state(s0_ref, b, h, seg, vcols)
             def store_state(c, sb):  # S_in of chunk c (of the segment) from s_w[sb] to HBM
                 if store_states:
                     plgpu.copy_smem_to_gmem(s_w.at[sb], st_ref.at[h, b * (T // C) + c0 + c, :, vcols])
@@ -394,14 +406,8 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False, split=None):
         @pl.when(wg == 0)
         def _state():
             plgpu.set_max_registers(SPLIT_REGISTERS[0], action="increase")
-            neg = -sl_ref[h] * LOG2E
-            r = iota((C,), 0, row).astype(f32)
-            k_decay = lax.broadcast_in_dim(jnp.exp2((C - 1.0 - r) * neg), (C, BV), [0])  # lam^(C-1-j)
-            lam_c = jnp.exp2(neg * C)
-            if s0 is None:
-                S = plgpu.layout_cast(jnp.zeros((DK, BV), f32), wgmma)
-            else:
-                S = load(s0_ref.at[b, h, seg, :, vcols], wgmma)
+            _, _, _, k_decay, lam_c = constants(sl_ref, h, output=False, state=True)
+            S = initial_state(s0_ref, b, h, seg, vcols)
 
             def publish(c, S):  # S_in of chunk c (of the segment) into s_w[c % NS], and to HBM if stored
                 sb = c % NS if isinstance(c, int) else lax.rem(c, NS)
@@ -443,13 +449,7 @@ def _walk(q, k, v, slopes, s0, *, scale, P, NW, store_states=False, split=None):
         @pl.when(wg == 1)
         def _output():
             plgpu.set_max_registers(SPLIT_REGISTERS[1], action="increase")
-            neg = -sl_ref[h] * LOG2E
-            rows = iota((C, C), 0, wgmma)
-            cols = iota((C, C), 1, wgmma)
-            causal = rows >= cols
-            intra = jnp.exp2(jnp.where(causal, (rows - cols).astype(f32) * neg, -jnp.inf))
-            r = iota((C,), 0, row).astype(f32)
-            q_decay = lax.broadcast_in_dim(jnp.exp2((r + 1.0) * neg), (C, BV), [0])  # lam^(i+1)
+            causal, intra, q_decay, _, _ = constants(sl_ref, h, output=True, state=False)
 
             @pl.loop(0, NC)
             def _(c):
