@@ -23,7 +23,8 @@ q S_in and P v. Per chunk the SM then spends the longer chain, not both: b4-t8k 
 
 Few (sequence, head) pairs are cut into P segments as in triton.py: Triton's states-only first pass
 gives each segment's local state, a P-step scan in JAX the state entering each, and the Mosaic walk
-runs every segment from its own.
+runs every segment from its own. The plain forward then walks one Dv block per program, split, with
+half the segments of the two-block plan that the storing forward and the G walk keep (_plan).
 
 The backward is Triton's chunk-parallel structure (custom_vjp rules below) with Mosaic kernels in two of
 its places: under differentiation (bf16) the walk also stores S_in of every chunk, the G walk here
