@@ -1057,7 +1057,8 @@ def local_state(k, v, slopes, *, reverse=False, differentiated=False):
     """sum_j lam^(T-1-p_j) k_j^T v_j per query head from zero: [B, H, Dk, Dv] float32 (reference.py).
 
     k: [B, T, Hkv, Dk]  v: [B, T, Hkv, Dv]  slopes: [H]. The forward kernel's states-only walk (k, v
-    read once), each segment from zero; S = sum_s lam^(tokens after segment s) S_seg(s).
+    read once), each segment from zero; S = sum_s lam^(tokens after segment s) S_seg(s). differentiated
+    (reference.py) changes nothing here: both forwards cut the plain walk's segments.
     """
     _check_supported(k, k, v)
     blocks = BlockSizes.get_default(k.shape[3], v.shape[3], k.dtype)
