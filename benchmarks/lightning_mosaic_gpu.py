@@ -4,11 +4,13 @@
 
 Times the undifferentiated forward of `implementation="mosaic_gpu"` and `"triton"`, and the Mosaic
 forward without its exact relaunch for non-finite inputs (what that launch costs on finite inputs), in
-interleaved rounds (medians of wall time of back-to-back jitted calls: one executable each, so GPU
-time). Prints each against Triton and against the forward's HBM floor (q, k, v read once, o written
-once, at the copy bandwidth measured in the same run). Then forward+backward (jax.vjp) of both, also
-interleaved (in bf16 mosaic_gpu's forward walk stores the chunk states, and its G walk and chunk kernel
-run the backward, with Triton's segment passes), and those three parts alone against Triton's.
+interleaved rounds (medians of wall time of back-to-back jitted calls). Prints each against Triton and
+against the forward's HBM floor (q, k, v read once, o written once, at the copy bandwidth measured in
+the same run). Then forward+backward (jax.vjp) of both, also interleaved (in bf16 mosaic_gpu's forward
+walk stores the chunk states, and its G walk and chunk kernel run the backward, with Triton's segment
+passes), and those three parts alone against Triton's. Last, every one of them by GPU time
+(timing.gpu_time_ms: the sum of a call's GPU activities, which the wall time exceeds by the GPU's idle
+gaps between kernels and more; benchmarks/RESULTS_mosaic_gpu.md, session 13).
 """
 
 import argparse
@@ -19,7 +21,14 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from timing import add_run_arguments, copy_bandwidth_gbs, environment, fwd_and_fwd_bwd, time_call  # noqa: E402
+from timing import (  # noqa: E402
+    add_run_arguments,
+    copy_bandwidth_gbs,
+    environment,
+    fwd_and_fwd_bwd,
+    gpu_time_ms,
+    time_call,
+)
 from workloads import WORKLOADS  # noqa: E402
 
 LAYER_IDX, NUM_LAYERS = 2, 8
@@ -67,6 +76,10 @@ def main(argv=None):
                 samples[n].append(time_call(f, *inputs, warmup=1, repeats=1, inner=args.inner))
         return {n: statistics.median(x) for n, x in samples.items()}
 
+    def gpu_times(fns, inputs):
+        """GPU time per call of each function (timing.gpu_time_ms: the sum of its GPU activities)."""
+        return {n: gpu_time_ms(f, *inputs)["kernel_ms"] for n, f in fns.items()}
+
     bw = copy_bandwidth_gbs()
     rows = []
     for name in args.workloads.split(","):
@@ -89,10 +102,12 @@ def main(argv=None):
         time_call(fns["mosaic_gpu, no exact relaunch"], q, k, v, warmup=1, repeats=1)
         triton.forward_where_flagged = relaunch
         ms = interleaved(fns, (q, k, v))
+        gpu_ms = gpu_times(fns, (q, k, v))
         do = jax.random.normal(jax.random.PRNGKey(1), q.shape[:3] + (w.D,), jnp.float32).astype(w.dtype)
         grads = {n: fwd_and_fwd_bwd(lambda *qkv, n=n, slopes=slopes: shardattn.lightning_attention(
             *qkv, slopes=slopes, implementation=n))[1] for n in ("triton", "mosaic_gpu")}  # fmt: skip
         fwd_bwd_ms = interleaved(grads, (q, k, v, do))
+        fwd_bwd_gpu_ms = gpu_times(grads, (q, k, v, do))
         gdiff = max(float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32))))
                     for a, b in zip(jax.tree.leaves(grads["mosaic_gpu"](q, k, v, do)),
                                     jax.tree.leaves(grads["triton"](q, k, v, do)), strict=True))  # fmt: skip
@@ -105,11 +120,13 @@ def main(argv=None):
         states = parts["triton fwd storing S_in"](q, k, v, do, dfinal, None, None)[2]
         gstates = parts["triton G walk"](q, k, v, do, dfinal, None, None)[0]
         parts_ms = interleaved(parts, (q, k, v, do, dfinal, states, gstates))
+        parts_gpu_ms = gpu_times(parts, (q, k, v, do, dfinal, states, gstates))
         floor = w.bytes_qkvo() / (bw * 1e9) * 1e3
         NW, P = mosaic_gpu._plan(w.B, w.H, w.D, w.T // mosaic_gpu.CHUNK)
         diff = float(jnp.max(jnp.abs(fns["mosaic_gpu"](q, k, v).astype(jnp.float32)
                                      - fns["triton"](q, k, v).astype(jnp.float32))))  # fmt: skip
-        rows.append(dict(workload=name, ms=ms, fwd_bwd_ms=fwd_bwd_ms, parts_ms=parts_ms, floor_ms=floor,
+        rows.append(dict(workload=name, ms=ms, fwd_bwd_ms=fwd_bwd_ms, parts_ms=parts_ms, gpu_ms=gpu_ms,
+                         fwd_bwd_gpu_ms=fwd_bwd_gpu_ms, parts_gpu_ms=parts_gpu_ms, floor_ms=floor,
                          segments=P, compute_warpgroups=NW, max_abs_diff_vs_triton=diff,
                          fwd_bwd_max_abs_diff_vs_triton=gdiff))  # fmt: skip
     print(f"{environment()['device']}, copy {bw:.0f} GB/s; forward ms (÷ triton, ÷ HBM floor)")
@@ -132,6 +149,13 @@ def main(argv=None):
                           f"({m['mosaic_gpu ' + part] / m['triton ' + part]:.2f})"
                           for part in ("fwd storing S_in", "G walk", "chunk kernel"))  # fmt: skip
         print(f"{r['workload']:18s} {cells}")
+    print("GPU time, ms (the sum of each call's GPU activities; mosaic_gpu / triton)")
+    for r in rows:
+        g, gb, gp = r["gpu_ms"], r["fwd_bwd_gpu_ms"], r["parts_gpu_ms"]
+        cells = "  ".join(f"{part} {gp['mosaic_gpu ' + part]:.3f} / {gp['triton ' + part]:.3f}"
+                          for part in ("fwd storing S_in", "G walk", "chunk kernel"))  # fmt: skip
+        print(f"{r['workload']:18s} forward {g['mosaic_gpu']:.3f} / {g['triton']:.3f}  forward+backward "
+              f"{gb['mosaic_gpu']:.3f} / {gb['triton']:.3f}  {cells}")
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({**environment(), "copy_bandwidth_gbs": bw, "rows": rows}, fh, indent=1)
