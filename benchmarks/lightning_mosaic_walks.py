@@ -9,7 +9,7 @@
 Times the forward walk (plain and storing S_in of every chunk, as under differentiation) and the G walk
 (kernels of mosaic_gpu.py, called directly, unsegmented: P = 1) with one compute warpgroup split in two
 (state / output, "1s"), one doing both ("1f") and two Dv blocks per program ("2f"), in interleaved rounds
-(medians of wall time of back-to-back jitted calls: one executable each, so GPU time). Beside each: its
+(medians of wall time of back-to-back jitted calls) and by GPU time (timing.gpu_time_ms). Beside each: its
 HBM floor (bytes it must move once, at the copy bandwidth measured in the same run) and the bytes it
 moves if every program reads its q, k (forward) or q (G walk) itself, i.e. if the programs of one
 (sequence, head) share nothing in L2: what `ncu`'s dram__bytes_read then tells apart.
