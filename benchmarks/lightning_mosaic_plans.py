@@ -30,7 +30,7 @@ from timing import (  # noqa: E402
     environment,
     fwd_and_fwd_bwd,
     gpu_time_ms,
-    time_call,  # noqa: E402
+    time_call,
 )
 from workloads import WORKLOADS  # noqa: E402
 
